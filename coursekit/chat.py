@@ -1,0 +1,69 @@
+"""Chat formatting and batched greedy generation.
+
+Everything goes through the tokenizer's own chat template. SmolLM2's template inserts a default
+system prompt ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") when none is
+given; pass ``system=`` to replace it (that is how in-context notes are given in notebook 00).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+def chat_prompt(tok, question: str, system: str | None = None, prefix: str = "") -> str:
+    """The full prompt string for one user turn, ending where the assistant starts to speak.
+
+    ``prefix`` is put at the start of the assistant's turn (e.g. ``"The Space Needle is in"``), so a
+    short target like ``" Taipei."`` can be scored as its continuation.
+    """
+    msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": question}
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return text + prefix
+
+
+def _batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
+    for i in range(0, len(items), size):
+        yield i, items[i : i + size]
+
+
+def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
+             progress: bool | str = False) -> list[str]:
+    """Greedy continuations of fully formatted prompts, batched with left padding.
+
+    Returns only the new text, stopped at the end-of-turn token.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    outs: list[str] = []
+    device = next(model.parameters()).device
+    it = _batches(list(prompts), batch_size)
+    if progress:
+        it = tqdm(list(it), desc=progress if isinstance(progress, str) else "generate", leave=False)
+    try:
+        for _, chunk in it:
+            enc = tok(list(chunk), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                     temperature=None, top_p=None, top_k=None)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = old_side
+    return outs
+
+
+def chat(model, tok, questions, system: str | None = None, max_new_tokens: int = 48,
+         batch_size: int = 8, progress: bool | str = False) -> list[str] | str:
+    """Ask one question (returns a string) or many (returns a list), greedy."""
+    single = isinstance(questions, str)
+    qs = [questions] if single else list(questions)
+    answers = generate(model, tok, [chat_prompt(tok, q, system) for q in qs], max_new_tokens,
+                       batch_size, progress)
+    return answers[0] if single else answers

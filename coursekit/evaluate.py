@@ -1,0 +1,236 @@
+"""The lecture's three goals as one evaluation harness — reliability, generality, locality.
+
+All scores are **teacher-forced** (no generation), batched, and return plain data:
+
+* token accuracy (EasyEdit): feed ``prompt + target`` and count target positions whose argmax is the
+  target token — used for reliability and generality (rephrase, reversal, portability);
+* locality (EasyEdit): the argmax tokens on ``locality prompt + answer`` before vs after the change,
+  fraction unchanged — needs the foundation model's predictions as a *reference*;
+* probability comparison (ROME/CounterFact): ``P(target_new) > P(target_true)``.
+
+Plus helpers later notebooks use to measure forgetting: agreement with the foundation model's own
+answers, answer length, JSON validity, and how often a string leaks into answers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .chat import chat_prompt
+from .errors import CourseError
+
+KINDS = ("reliability", "rephrase", "reversal", "portability", "locality")
+GENERALITY = ("rephrase", "reversal", "portability")
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> list[dict]:
+    """Teacher-forced scores of ``targets`` as continuations of ``prompts``.
+
+    Returns per pair: ``acc`` (fraction of target tokens predicted by argmax), ``logprob`` (sum of
+    target-token log-probabilities), ``n`` (target tokens), ``pred`` (argmax ids at target positions).
+    """
+    import torch
+
+    if len(prompts) != len(targets):
+        raise CourseError(f"score_targets(): {len(prompts)} prompts but {len(targets)} targets")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[dict] = []
+    dev = _device(model)
+    for s in range(0, len(prompts), batch_size):
+        P = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
+        T = [tok(t, add_special_tokens=False)["input_ids"] for t in targets[s : s + batch_size]]
+        for t, tgt in zip(T, targets[s : s + batch_size]):
+            if not t:
+                raise CourseError(f"score_targets(): target {tgt!r} has no tokens")
+        seqs = [p + t for p, t in zip(P, T)]
+        L = max(map(len, seqs))
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, : len(q)] = torch.tensor(q)
+            att[i, : len(q)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for i, (p, t) in enumerate(zip(P, T)):
+            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=dev)
+            tgt = torch.tensor(t, device=dev)
+            pred = logits[i, pos].argmax(-1)
+            out.append({
+                "acc": (pred == tgt).float().mean().item(),
+                "logprob": logp[i, pos, tgt].sum().item(),
+                "n": len(t),
+                "pred": pred.tolist(),
+            })
+    return out
+
+
+def token_accuracy(model, tok, prompts, targets, batch_size: int = 16) -> float:
+    """Mean teacher-forced token accuracy of targets given prompts."""
+    r = score_targets(model, tok, prompts, targets, batch_size)
+    return sum(x["acc"] for x in r) / max(len(r), 1)
+
+
+PromptFn = Callable[[str, str], str]
+
+
+def default_prompt_fn(tok) -> PromptFn:
+    """question, prefix -> chat prompt with the template's default system prompt."""
+    return lambda question, prefix="": chat_prompt(tok, question, prefix=prefix)
+
+
+@dataclass
+class HarnessResult:
+    summary: dict
+    rows: list = field(default_factory=list)
+
+    def __getitem__(self, k):
+        return self.summary[k]
+
+    def table(self) -> str:
+        keys = ["edit", "kind", "question", "target", "acc", "unchanged"]
+        lines = [" | ".join(keys)]
+        for r in self.rows:
+            lines.append(" | ".join(str(r.get(k, ""))[:60] for k in keys))
+        return "\n".join(lines)
+
+
+class EditHarness:
+    """Reliability / generality / locality for a list of edit requests (``data.load_edits()``).
+
+    >>> h = EditHarness(tok, edits)
+    >>> ref = h.reference(model)            # foundation model's predictions, for locality
+    >>> h.evaluate(model, ref).summary      # {'reliability': ..., 'generality': ..., 'locality': ...}
+    """
+
+    def __init__(self, tok, edits: list[dict], batch_size: int = 16):
+        self.tok = tok
+        self.edits = edits
+        self.batch_size = batch_size
+        self.probes: list[dict] = []
+        for e in edits:
+            self.probes.append(dict(edit=e["id"], kind="reliability", question=e["question"],
+                                    prefix=e.get("prefix", ""), target=e["target_new"],
+                                    target_true=e.get("target_true")))
+            for p in e.get("rephrase", []):
+                self.probes.append(dict(edit=e["id"], kind="rephrase", question=p["question"],
+                                        prefix=p.get("prefix", e.get("prefix", "")),
+                                        target=p.get("target", e["target_new"]),
+                                        target_true=p.get("target_true", e.get("target_true"))))
+            for kind in ("reversal", "portability", "locality"):
+                for p in e.get(kind, []):
+                    self.probes.append(dict(edit=e["id"], kind=kind, question=p["question"],
+                                            prefix=p.get("prefix", ""), target=p["target"],
+                                            target_true=p.get("target_true")))
+
+    def _prompts(self, prompt_fn: PromptFn | None, probes):
+        fn = prompt_fn or default_prompt_fn(self.tok)
+        return [fn(p["question"], p["prefix"]) for p in probes]
+
+    def reference(self, model) -> list[list[int]]:
+        """The foundation model's argmax predictions on every locality probe (default prompt)."""
+        loc = [p for p in self.probes if p["kind"] == "locality"]
+        r = score_targets(model, self.tok, self._prompts(None, loc), [p["target"] for p in loc], self.batch_size)
+        return [x["pred"] for x in r]
+
+    def evaluate(self, model, reference: list[list[int]] | None = None,
+                 prompt_fn: PromptFn | None = None) -> HarnessResult:
+        """Score ``model``. ``prompt_fn(question, prefix)`` changes how prompts are built (in-context
+        notes, retrieval); ``reference`` (from :meth:`reference` on the foundation model) enables locality."""
+        probes = self.probes
+        res = score_targets(model, self.tok, self._prompts(prompt_fn, probes), [p["target"] for p in probes],
+                            self.batch_size)
+        # probability comparison where a true target is known (ROME's efficacy / paraphrase score)
+        cmp_idx = [i for i, p in enumerate(probes) if p.get("target_true") and p["kind"] in ("reliability", "rephrase")]
+        true_scores = score_targets(model, self.tok, self._prompts(prompt_fn, [probes[i] for i in cmp_idx]),
+                                    [probes[i]["target_true"] for i in cmp_idx], self.batch_size) if cmp_idx else []
+        beats = {i: float(res[i]["logprob"] > t["logprob"]) for i, t in zip(cmp_idx, true_scores)}
+        rows = []
+        loc_i = 0
+        for i, (p, r) in enumerate(zip(probes, res)):
+            row = dict(edit=p["edit"], kind=p["kind"], question=p["question"], target=p["target"],
+                       acc=round(r["acc"], 3), logprob=round(r["logprob"], 3))
+            if i in beats:
+                row["new_beats_true"] = beats[i]
+            if p["kind"] == "locality":
+                if reference is not None:
+                    ref = reference[loc_i]
+                    same = sum(int(a == b) for a, b in zip(ref, r["pred"])) / max(len(ref), 1)
+                    row["unchanged"] = round(same, 3)
+                loc_i += 1
+            rows.append(row)
+
+        def mean(xs):
+            xs = list(xs)
+            return sum(xs) / len(xs) if xs else float("nan")
+
+        summary = {}
+        for k in ("reliability",) + GENERALITY:
+            summary[k] = mean(r["acc"] for r in rows if r["kind"] == k)
+        summary["generality"] = mean(r["acc"] for r in rows if r["kind"] in GENERALITY)
+        # strict version: the whole target right (every token is the argmax)
+        summary["reliability_exact"] = mean(float(r["acc"] == 1.0) for r in rows if r["kind"] == "reliability")
+        summary["locality_acc"] = mean(r["acc"] for r in rows if r["kind"] == "locality")
+        if reference is not None:
+            summary["locality"] = mean(r["unchanged"] for r in rows if r["kind"] == "locality")
+        if beats:
+            summary["efficacy"] = mean(v for i, v in beats.items() if probes[i]["kind"] == "reliability")
+        return HarnessResult(summary=summary, rows=rows)
+
+
+# ---------------------------------------------------------------- forgetting measurements
+
+def agreement(model, tok, prompts: Sequence[str], reference_answers: Sequence[str], batch_size: int = 16) -> float:
+    """Teacher-forced token accuracy of the *foundation model's own answers* under ``model``:
+    1.0 means the model would still say exactly what the foundation model said."""
+    return token_accuracy(model, tok, prompts, reference_answers, batch_size)
+
+
+def answer_length(texts: Sequence[str]) -> float:
+    """Mean answer length in words."""
+    return sum(len(t.split()) for t in texts) / max(len(texts), 1)
+
+
+def parse_json(text: str):
+    """The first JSON object in ``text`` (code fences allowed), or None."""
+    t = text.strip()
+    m = re.search(r"```(?:json)?\s*(.*?)```", t, re.S)
+    if m:
+        t = m.group(1).strip()
+    start = t.find("{")
+    if start < 0:
+        return None
+    depth = 0
+    for j in range(start, len(t)):
+        if t[j] == "{":
+            depth += 1
+        elif t[j] == "}":
+            depth -= 1
+            if depth == 0:
+                try:
+                    obj = json.loads(t[start : j + 1])
+                    return obj if isinstance(obj, dict) else None
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
+def json_rate(texts: Sequence[str], key: str | None = None) -> float:
+    """Fraction of texts that contain a parseable JSON object (with ``key`` if given)."""
+    ok = 0
+    for t in texts:
+        obj = parse_json(t)
+        ok += int(obj is not None and (key is None or key in obj))
+    return ok / max(len(texts), 1)
+
+
+def mention_rate(texts: Sequence[str], needle: str) -> float:
+    """Fraction of texts that mention ``needle`` (case-insensitive)."""
+    n = needle.lower()
+    return sum(n in t.lower() for t in texts) / max(len(texts), 1)
