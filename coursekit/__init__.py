@@ -39,3 +39,17 @@ def setup(seed: int = 0, profile: str | None = None, quiet: bool = True) -> Prof
 
         _quiet()
     return p
+
+
+def __getattr__(name: str):
+    """Submodules load on first use: ``ck.models``, ``ck.evaluate``, ``ck.finetune``, ``ck.rome``, …"""
+    import importlib
+
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise AttributeError(f"module 'coursekit' has no attribute or submodule '{name}'") from None
+        raise

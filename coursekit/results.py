@@ -33,7 +33,7 @@ def _clean(v, ndigits: int):
     return round(f, ndigits)
 
 
-def record(notebook: str, metrics: dict, ndigits: int = 3) -> dict:
+def record(notebook: str, metrics: dict, ndigits: int = 3) -> None:
     """Print the notebook's headline numbers as one ``COURSEKIT_RESULT`` line and return them."""
     if not isinstance(metrics, dict) or not metrics:
         raise CourseError("record() needs a non-empty dict of metrics")
@@ -43,7 +43,6 @@ def record(notebook: str, metrics: dict, ndigits: int = 3) -> dict:
         "metrics": {str(k): _clean(v, ndigits) for k, v in metrics.items()},
     }
     print(MARK + json.dumps(payload, ensure_ascii=False))
-    return payload
 
 
 def read_results(notebook_path: str | Path) -> list[dict]:

