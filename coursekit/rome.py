@@ -1,0 +1,718 @@
+"""Locating and editing one fact: causal tracing and ROME (Meng et al., 2022), written from the paper.
+
+Notebook 04. Everything is plain PyTorch on a Hugging Face Llama (``model.model.layers[L].mlp.down_proj``
+is the matrix ROME edits: input = the MLP's hidden activation *k* (1536-d on SmolLM2), output = the
+MLP's contribution *v* to the residual stream (576-d)).
+
+* :func:`trace_fact` — causal tracing: corrupt the subject's token embeddings with Gaussian noise
+  (3 sigma), then restore one clean state at a time (hidden state of layer l at token i, or the MLP /
+  attention outputs of a window of layers around l) and measure how much of P(answer) comes back
+  (the *indirect effect*).
+* :func:`compute_k` / :func:`compute_v` / :func:`rank_one_update` / :func:`apply_rome` — ROME:
+  k* = mean down_proj input at the subject's last token over the bare prompt and generated prefixes;
+  v* = v_init + delta, delta optimised so the model emits the new target (NLL) while keeping the
+  subject's "essence" (KL on "{subject} is a") with a norm penalty and a norm clamp; then the closed
+  form  W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*)  so that W_new k* = v* exactly.
+* :func:`layer_stats` — C = E[k k^T] of the down_proj inputs over generic text (cached on disk).
+* :func:`load_counterfact` / :func:`counterfact_scores` — the course's CounterFact-style edits and
+  the paper's scores (efficacy, paraphrase, neighbourhood) plus EasyEdit's token-level ones.
+
+Data file ``data/counterfact.jsonl`` (one JSON object per line, ``//`` comments allowed)::
+
+    id            unique string
+    subject       string, must occur in ``prompt`` and in every paraphrase (case-insensitive)
+    prompt        completion-style prompt that ends where the object should follow
+    target_true   what the foundation model says (leading space), e.g. " Paris"
+    target_new    the counterfactual object, e.g. " Rome" (must differ from target_true)
+    relation      optional string (the fact's relation, used to pick neighbours)
+    paraphrases   non-empty list of strings: other completion prompts for the same fact
+    neighbourhood non-empty list of {"prompt": str, "target": str}: *other* subjects' prompts with
+                  their true answers, which an edit must leave alone
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .data import _Checker, _rel, data_path, read_jsonl
+from .errors import CourseError
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_counterfact(name: str | Path = "counterfact.jsonl") -> list[dict]:
+    """The CounterFact-style edit requests (schema in this module's docstring), validated."""
+    path = data_path(str(name))
+    seen: set[str] = set()
+    out = []
+    for line, rec in read_jsonl(path):
+        c = _Checker(path, line, rec)
+        eid = c.string(rec, "id")
+        if eid in seen:
+            c.fail("id", f"'{eid}' is used twice")
+        seen.add(eid)
+        subj = c.string(rec, "subject")
+        prompt = c.string(rec, "prompt")
+        t_true = c.string(rec, "target_true")
+        t_new = c.string(rec, "target_new")
+        c.string(rec, "relation", required=False)
+        if t_true.strip() == t_new.strip():
+            c.fail("target_new", "must differ from target_true")
+        if subj.lower() not in prompt.lower():
+            c.fail("prompt", f"must contain the subject '{subj}'")
+        par = rec.get("paraphrases")
+        if not isinstance(par, list) or not par or not all(isinstance(p, str) and p.strip() for p in par):
+            c.fail("paraphrases", "must be a non-empty list of non-empty strings")
+        for j, p in enumerate(par):
+            if subj.lower() not in p.lower():
+                c.fail(f"paraphrases[{j}]", f"must contain the subject '{subj}'")
+        nb = rec.get("neighbourhood")
+        if not isinstance(nb, list) or not nb:
+            c.fail("neighbourhood", "must be a non-empty list of {prompt, target}")
+        for j, n in enumerate(nb):
+            if not isinstance(n, dict):
+                c.fail(f"neighbourhood[{j}]", "must be an object with 'prompt' and 'target'")
+            c.string(n, "prompt", label=f"neighbourhood[{j}].prompt")
+            c.string(n, "target", label=f"neighbourhood[{j}].target")
+        out.append(rec)
+    return out
+
+
+def request_from_edit(e: dict, tok) -> dict:
+    """Turn a course edit of ``data/edits.jsonl`` (chat question + assistant prefix) into a ROME request.
+
+    The prompt is the chat-formatted question with the assistant's prefix, so the subject's last
+    token is the one inside the prefix ("The Space Needle is located in")."""
+    from .chat import chat_prompt
+
+    prompt = chat_prompt(tok, e["question"], prefix=e.get("prefix", ""))
+    return dict(id=e["id"], subject=e["subject"], prompt=prompt, target_new=e["target_new"],
+                target_true=e.get("target_true"))
+
+
+# ----------------------------------------------------------------------------------------- tokens
+
+
+def subject_span(tok, prompt: str, subject: str) -> tuple[int, int]:
+    """Token positions ``(first, last)`` of the *last* occurrence of ``subject`` in ``prompt``
+    (case-insensitive), with the prompt tokenized without special tokens."""
+    if not subject or not subject.strip():
+        raise CourseError("subject must be a non-empty string")
+    start = prompt.lower().rfind(subject.strip().lower())
+    if start < 0:
+        raise CourseError(f"subject '{subject}' does not occur in the prompt '{prompt[-80:]}'")
+    end = start + len(subject.strip())
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offs = enc["offset_mapping"]
+    toks = [i for i, (a, b) in enumerate(offs) if b > start and a < end]
+    if not toks:  # pragma: no cover - offsets always cover non-empty text
+        raise CourseError(f"could not find the tokens of subject '{subject}'")
+    return toks[0], toks[-1]
+
+
+def _layers(model):
+    try:
+        return model.model.layers
+    except AttributeError:
+        raise CourseError("this model has no model.model.layers: ROME here supports Llama-style models") from None
+
+
+def _check_layer(model, layer: int) -> int:
+    n = len(_layers(model))
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise CourseError(f"layer must be an integer in [0, {n - 1}] (got {layer!r})")
+    return layer
+
+
+def _pad(tok, seqs: list[list[int]]):
+    import torch
+
+    L = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+    return ids, att
+
+
+# ---------------------------------------------------------------------------------- causal tracing
+
+
+@dataclass
+class Trace:
+    """Result of :func:`trace_fact`: ``effect[kind]`` is a (layers x tokens) array of P(answer) with
+    that state restored; ``p_clean`` / ``p_corrupt`` are the two ends of the scale."""
+    prompt: str
+    subject: str
+    answer: str
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    p_clean: float
+    p_corrupt: float
+    scores: dict = field(default_factory=dict)
+
+    def indirect_effect(self, kind: str = "hidden"):
+        """P_restored - P_corrupted for every (layer, token)."""
+        return self.scores[kind] - self.p_corrupt
+
+
+def embedding_sigma(model) -> float:
+    """Standard deviation of the token embedding matrix (the noise scale unit of causal tracing)."""
+    return float(model.get_input_embeddings().weight.detach().float().std())
+
+
+def trace_fact(model, tok, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = ("hidden", "mlp", "attn"),
+               noise_samples: int = 10, noise: float = 3.0, window: int = 6, seed: int = 0,
+               layer_step: int = 1) -> Trace:
+    """Causal tracing of one fact (Meng et al. 2022, section 2.1).
+
+    Corrupt the subject's token embeddings with N(0, (noise*sigma)^2) noise, ``noise_samples`` times;
+    for each layer l and token i restore the clean state into the corrupted run and record
+    P(first token of ``answer``) at the last position, averaged over the noise samples.
+    ``kinds``: "hidden" restores the residual stream after layer l; "mlp" / "attn" restore the MLP /
+    attention outputs of the ``window`` layers centred on l. ``answer`` defaults to the greedy token.
+    ``layer_step`` > 1 traces every n-th layer only (rows in between are NaN) to save time on a CPU.
+    """
+    import numpy as np
+    import torch
+
+    for k in kinds:
+        if k not in ("hidden", "mlp", "attn"):
+            raise CourseError(f"unknown trace kind '{k}': use 'hidden', 'mlp' or 'attn'")
+    if noise_samples < 1 or window < 1 or layer_step < 1:
+        raise CourseError("noise_samples, window and layer_step must be >= 1")
+    layers = _layers(model)
+    nL = len(layers)
+    s0, s1 = subject_span(tok, prompt, subject)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    T = len(ids)
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], device=dev)
+    # clean run: remember every state we may restore
+    clean: dict = {}
+    hooks = []
+
+    def keep(name):
+        def h(mod, inp, out):
+            clean[name] = (out[0] if isinstance(out, tuple) else out).detach()
+        return h
+
+    for l, layer in enumerate(layers):
+        hooks += [layer.register_forward_hook(keep(("hidden", l))), layer.mlp.register_forward_hook(keep(("mlp", l))),
+                  layer.self_attn.register_forward_hook(keep(("attn", l)))]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, -1].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    probs = torch.softmax(logits, -1)
+    if answer is None:
+        a_id = int(probs.argmax())
+    else:
+        a_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        if not a_ids:
+            raise CourseError(f"answer {answer!r} has no tokens")
+        a_id = a_ids[0]
+    p_clean = float(probs[a_id])
+    g = torch.Generator().manual_seed(seed)
+    sigma = embedding_sigma(model)
+    d_model = clean[("hidden", 0)].shape[-1]
+    eps = (torch.randn(noise_samples, s1 - s0 + 1, d_model, generator=g) * noise * sigma).to(dev)
+
+    def corrupt(mod, inp, out):
+        out = out.clone()
+        n = out.shape[0]
+        out[:, s0 : s1 + 1] += eps.repeat(n // noise_samples, 1, 1)
+        return out
+
+    def run(restores):
+        """restores: list (one per restored row-group) of (kind, layers, token) or None; each group
+        is repeated for every noise sample. Returns mean P(answer) per group."""
+        G = len(restores)
+        batch = x.repeat(G * noise_samples, 1)
+        hs = [model.get_input_embeddings().register_forward_hook(corrupt)]
+        by_module: dict = {}
+        for gi, r in enumerate(restores):
+            if r is None:
+                continue
+            kind, ls, tpos = r
+            for l in ls:
+                by_module.setdefault((kind, l), []).append((gi, tpos))
+
+        def patch(key, rows):
+            def h(mod, inp, out):
+                t = out[0] if isinstance(out, tuple) else out
+                t = t.clone()
+                src = clean[key][0]
+                for gi, tpos in rows:
+                    t[gi * noise_samples : (gi + 1) * noise_samples, tpos] = src[tpos]
+                return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+            return h
+
+        for (kind, l), rows in by_module.items():
+            mod = {"hidden": layers[l], "mlp": layers[l].mlp, "attn": layers[l].self_attn}[kind]
+            hs.append(mod.register_forward_hook(patch((kind, l), rows)))
+        try:
+            with torch.no_grad():
+                hid = model.model(input_ids=batch).last_hidden_state[:, -1]
+                lg = model.lm_head(hid).float()
+        finally:
+            for h in hs:
+                h.remove()
+        p = torch.softmax(lg, -1)[:, a_id].view(G, noise_samples).mean(1)
+        return p.cpu().numpy()
+
+    p_corrupt = float(run([None])[0])
+    scores = {}
+    for kind in kinds:
+        grid = np.full((nL, T), np.nan)
+        for l in range(0, nL, layer_step):
+            if kind == "hidden":
+                ls = [l]
+            else:
+                ls = list(range(max(0, l - window // 2), min(nL, l - window // 2 + window)))
+            grid[l] = run([(kind, ls, t) for t in range(T)])
+        scores[kind] = grid
+    return Trace(prompt=prompt, subject=subject, answer=tok.decode([a_id]), tokens=[tok.decode([i]) for i in ids],
+                 subject_range=(s0, s1), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores)
+
+
+def align_traces(traces: Sequence[Trace], kind: str = "hidden"):
+    """Average indirect effects over facts of different lengths on ROME's 6 token groups:
+    first subject token, middle subject tokens, last subject token, first token after the subject,
+    further tokens, last token. Returns ``(labels, array layers x 6)`` (NaN-safe mean)."""
+    import numpy as np
+
+    labels = ["first subject", "middle subject", "last subject", "first after", "further", "last token"]
+    acc = []
+    for tr in traces:
+        ie = tr.indirect_effect(kind)
+        T = ie.shape[1]
+        s0, s1 = tr.subject_range
+        groups = [[s0], list(range(s0 + 1, s1)), [s1], [s1 + 1] if s1 + 1 < T - 1 else [],
+                  list(range(s1 + 2, T - 1)), [T - 1]]
+        cols = [ie[:, g].mean(1) if g else np.full(ie.shape[0], np.nan) for g in groups]
+        acc.append(np.stack(cols, 1))
+    return labels, np.nanmean(np.stack(acc), 0)
+
+
+# --------------------------------------------------------------------------------- ROME: k*, v*, C
+
+_PREFIX_SEEDS = ["The", "Therefore", "Because", "I", "You", "However", "In the", "When", "After", "It is",
+                 "She", "We", "My", "This", "Today", "Once", "Why", "According to", "If", "Many"]
+
+
+def context_prefixes(model, tok, n: int = 20, length: int = 8, cache: bool = True) -> list[str]:
+    """``n`` short texts the model generates itself (greedy, from varied first words), used as the
+    random contexts of k* and v* ("{prefix}. {prompt}"). Cached in the course cache."""
+    from .chat import generate
+    from .models import cache_dir
+
+    if not 0 <= n <= len(_PREFIX_SEEDS):
+        raise CourseError(f"context_prefixes(): n must be in [0, {len(_PREFIX_SEEDS)}] (got {n})")
+    path = cache_dir() / "rome" / f"prefixes_n{n}_len{length}.json"
+    if cache and path.exists():
+        return json.loads(path.read_text())
+    seeds = _PREFIX_SEEDS[:n]
+    outs = generate(model, tok, seeds, max_new_tokens=length, batch_size=max(1, n))
+    texts = [(s + " " + o).replace("\n", " ").strip().rstrip(".") for s, o in zip(seeds, outs)]
+    texts = [" ".join(t.split()) for t in texts]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(texts))
+    return texts
+
+
+def _contexts(prompt: str, prefixes: Sequence[str]) -> list[str]:
+    return [prompt] + [f"{p}. {prompt}" for p in prefixes]
+
+
+def _down_proj(model, layer: int):
+    return _layers(model)[_check_layer(model, layer)].mlp.down_proj
+
+
+def compute_k(model, tok, layer: int, prompt: str, subject: str, prefixes: Sequence[str] = ()):
+    """k*: the down_proj input at the subject's last token, averaged over the bare prompt and the
+    prefixed prompts. Returns a 1-D tensor (d_ff)."""
+    import torch
+
+    ctx = _contexts(prompt, prefixes)
+    seqs = [tok(c, add_special_tokens=False)["input_ids"] for c in ctx]
+    idx = [subject_span(tok, c, subject)[1] for c in ctx]
+    ids, att = _pad(tok, seqs)
+    got = {}
+    h = _down_proj(model, layer).register_forward_pre_hook(lambda m, inp: got.__setitem__("k", inp[0].detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(next(model.parameters()).device), attention_mask=att.to(next(model.parameters()).device))
+    finally:
+        h.remove()
+    return torch.stack([got["k"][i, j] for i, j in enumerate(idx)]).mean(0).float()
+
+
+@dataclass
+class VResult:
+    v: "object"          # v* (d_model)
+    v_init: "object"     # the down_proj output at the subject's last token before the edit
+    delta_norm: float
+    steps: int
+    history: list        # per step: total, nll, kl, wd
+
+
+def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, prefixes: Sequence[str] = (),
+              steps: int = 20, lr: float = 0.5, kl_weight: float = 0.0625, weight_decay: float = 0.5,
+              clamp: float = 4.0, stop_loss: float = 0.05) -> VResult:
+    """v*: optimise delta added to down_proj's output at the subject's last token (ROME eq. 4).
+
+    loss = mean over contexts of NLL(target | "{prefix}. {prompt}")            (make the new fact true)
+         + kl_weight * KL(P_orig || P_edited) on "{subject} is a"             (keep the subject's essence)
+         + weight_decay * ||delta|| / ||v_init||^2                           (stay small)
+    Adam(lr), early stop when the NLL < ``stop_loss``; ||delta|| is clamped to clamp * ||v_init||.
+    """
+    import torch
+
+    if steps < 1 or lr <= 0:
+        raise CourseError(f"compute_v() needs steps >= 1 and lr > 0 (got {steps}, {lr})")
+    t_ids = tok(target, add_special_tokens=False)["input_ids"]
+    if not t_ids:
+        raise CourseError(f"target {target!r} has no tokens")
+    dev = next(model.parameters()).device
+    ctx = _contexts(prompt, prefixes)
+    kl_prompt = f"{subject.strip()} is a"
+    rows, pos, tgt_pos = [], [], []
+    for c in ctx:
+        p = tok(c, add_special_tokens=False)["input_ids"]
+        rows.append(p + t_ids)
+        pos.append(subject_span(tok, c, subject)[1])
+        tgt_pos.append(len(p))
+    kp = tok(kl_prompt, add_special_tokens=False)["input_ids"]
+    rows.append(kp)
+    pos.append(subject_span(tok, kl_prompt, subject)[1])
+    ids, att = _pad(tok, rows)
+    ids, att = ids.to(dev), att.to(dev)
+    n_ctx = len(ctx)
+    down = _down_proj(model, layer)
+    state = {"delta": None}
+    init = {}
+
+    def add_delta(mod, inp, out):
+        if "v" not in init:
+            init["v"] = out[0, pos[0]].detach().clone()
+        if state["delta"] is None:
+            return out
+        out = out.clone()
+        for r, j in enumerate(pos):
+            out[r, j] = out[r, j] + state["delta"]
+        return out
+
+    h = down.register_forward_hook(add_delta)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    history = []
+    try:
+        with torch.no_grad():  # original essence distribution and v_init
+            lg0 = model(input_ids=ids, attention_mask=att).logits
+            kl_ref = torch.log_softmax(lg0[n_ctx, len(kp) - 1].float(), -1)
+        v_init = init["v"].float()
+        delta = torch.zeros_like(v_init, requires_grad=True)
+        state["delta"] = delta
+        opt = torch.optim.Adam([delta], lr=lr)
+        max_norm = clamp * v_init.norm()
+        tt = torch.tensor(t_ids, device=dev)
+        step = 0
+        for step in range(1, steps + 1):
+            lg = model(input_ids=ids, attention_mask=att).logits.float()
+            lp = torch.log_softmax(lg, -1)
+            nll = torch.stack([-lp[r, torch.arange(tp - 1, tp - 1 + len(t_ids), device=dev), tt].mean()
+                               for r, tp in enumerate(tgt_pos)]).mean()
+            kl_new = lp[n_ctx, len(kp) - 1]
+            kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="sum")
+            wd = weight_decay * delta.norm() / v_init.norm() ** 2
+            loss = nll + kl_weight * kl + wd
+            history.append(dict(total=loss.item(), nll=nll.item(), kl=kl.item(), wd=wd.item()))
+            if nll.item() < stop_loss:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    d = delta.detach()
+    return VResult(v=(v_init + d), v_init=v_init, delta_norm=float(d.norm()), steps=step, history=history)
+
+
+def _texts_hash(texts: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
+
+
+def generic_texts(model, tok, n: int = 48, length: int = 64, cache: bool = True) -> list[str]:
+    """Generic text for the covariance statistics, made offline by the model itself: greedy
+    continuations of ``n`` varied, topic-free openings. Cached in the course cache."""
+    from .chat import generate
+    from .models import cache_dir
+
+    openings = ["The history of", "In the morning,", "Scientists have found that", "My favourite recipe",
+                "The city council", "A good way to learn", "The weather today", "When the war ended,",
+                "The company announced", "Music is", "In mathematics,", "The football team", "Children often",
+                "The river flows", "Doctors recommend", "The new law", "Once upon a time,", "The computer",
+                "Farmers in the region", "The museum", "Economists say", "The film tells", "Birds can",
+                "The university", "During the summer,", "The king", "Water is", "Many people believe",
+                "The train station", "Art in the", "The president said", "Software engineers", "The ocean",
+                "In ancient times,", "The book describes", "Students should", "The hospital", "Electricity",
+                "The election", "A healthy diet", "The mountain", "Languages", "The market", "Planets",
+                "The village", "Technology has", "The church", "Olympic athletes", "The restaurant", "Rain",
+                "The small town", "Historians", "The chemical reaction", "Every winter", "The airport",
+                "The novel", "Dogs and cats", "The bridge", "Religion", "The island", "Modern medicine",
+                "The painting", "The army", "Coffee"]
+    if not 1 <= n <= len(openings):
+        raise CourseError(f"generic_texts(): n must be in [1, {len(openings)}] (got {n})")
+    path = cache_dir() / "rome" / f"generic_n{n}_len{length}.json"
+    if cache and path.exists():
+        return json.loads(path.read_text())
+    outs = generate(model, tok, openings[:n], max_new_tokens=length, batch_size=16, progress="generic text")
+    texts = [f"{o} {t}".strip() for o, t in zip(openings[:n], outs)]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(texts, ensure_ascii=False))
+    return texts
+
+
+def layer_stats(model, tok, layer: int, texts: Sequence[str], batch_size: int = 8, cache: bool = True):
+    """C = E[k k^T]: uncentred second moment of the down_proj inputs of ``layer`` over every token
+    of ``texts``. Cached (safetensors) in the course cache, keyed by layer and the texts' hash.
+    Returns ``(C, n_tokens)``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .models import cache_dir
+
+    if not texts:
+        raise CourseError("layer_stats() needs some text")
+    down = _down_proj(model, layer)
+    path = cache_dir() / "rome" / f"cov_L{layer}_{_texts_hash(list(texts))}.safetensors"
+    if cache and path.exists():
+        d = load_file(str(path))
+        return d["C"], int(d["n"].item())
+    d_in = down.in_features
+    S = torch.zeros(d_in, d_in, dtype=torch.float64)
+    n = 0
+    cur = {}
+    h = down.register_forward_pre_hook(lambda m, inp: cur.__setitem__("k", inp[0].detach()))
+    dev = next(model.parameters()).device
+    try:
+        for s in range(0, len(texts), batch_size):
+            seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
+            ids, att = _pad(tok, seqs)
+            with torch.no_grad():
+                model(input_ids=ids.to(dev), attention_mask=att.to(dev))
+            k = cur["k"][att.bool().to(dev)].double().cpu()
+            S += k.T @ k
+            n += k.shape[0]
+    finally:
+        h.remove()
+    C = (S / n).float()
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"C": C.contiguous(), "n": torch.tensor([n])}, str(tmp))
+        tmp.replace(path)
+    return C, n
+
+
+# ------------------------------------------------------------------------------ the rank-one update
+
+
+def rank_one_update(W, k, v, C=None, damping: float = 0.0):
+    """ROME's closed form (eq. 2): ``W + (v - W k) (C^-1 k)^T / ((C^-1 k)^T k)``.
+
+    ``W`` is a Linear weight (out x in, y = W x), ``k`` (in), ``v`` (out). ``C=None`` means C = I
+    (EasyEdit's default), which gives ``W + (v - W k) k^T / (k^T k)``. ``damping`` adds
+    ``damping * mean(diag C) * I`` to C before solving. The result satisfies W_new k = v exactly
+    (up to float error). Returns a new tensor; ``W`` is untouched."""
+    import torch
+
+    W64, k64, v64 = W.detach().double(), k.detach().double().flatten(), v.detach().double().flatten()
+    if W64.dim() != 2 or W64.shape[1] != k64.numel() or W64.shape[0] != v64.numel():
+        raise CourseError(f"rank_one_update(): W is {tuple(W.shape)} but k has {k64.numel()} and v "
+                          f"{v64.numel()} entries (need W: len(v) x len(k))")
+    if C is None:
+        u = k64
+    else:
+        C64 = C.detach().double()
+        if C64.shape != (k64.numel(), k64.numel()):
+            raise CourseError(f"rank_one_update(): C must be {k64.numel()}x{k64.numel()} (got {tuple(C.shape)})")
+        if damping:
+            C64 = C64 + damping * C64.diagonal().mean() * torch.eye(len(k64), dtype=C64.dtype)
+        u = torch.linalg.solve(C64, k64)
+    denom = u @ k64
+    if not torch.isfinite(denom) or denom.abs() < 1e-12:
+        raise CourseError("rank_one_update(): (C^-1 k)^T k is zero or not finite; is k all zeros or C singular?")
+    W_new = W64 + torch.outer(v64 - W64 @ k64, u) / denom
+    return W_new.to(W.dtype)
+
+
+@dataclass
+class EditRecord:
+    """What one ROME edit did (enough to undo it: ``old_weight``)."""
+    layer: int
+    k: "object"
+    v: "object"
+    old_weight: "object"
+    delta_norm: float
+    v_steps: int
+    seconds: float
+    residual: float      # ||W_new k* - v*|| / ||v*||
+    history: list
+
+
+def apply_rome(model, tok, request: dict, layer: int, C=None, prefixes: Sequence[str] = (), damping: float = 0.0,
+               kv: tuple | None = None, **v_kwargs) -> EditRecord:
+    """Edit ``model`` in place so that ``request['prompt']`` (containing ``request['subject']``)
+    continues with ``request['target_new']``. ``kv=(k, v)`` reuses precomputed k*, v*."""
+    import torch
+
+    for f in ("prompt", "subject", "target_new"):
+        if not isinstance(request.get(f), str) or not request[f].strip():
+            raise CourseError(f"ROME request needs a non-empty string '{f}'")
+    t0 = time.perf_counter()
+    down = _down_proj(model, layer)
+    hist, steps, dn = [], 0, 0.0
+    if kv is None:
+        k = compute_k(model, tok, layer, request["prompt"], request["subject"], prefixes)
+        vr = compute_v(model, tok, layer, request["prompt"], request["subject"], request["target_new"], prefixes, **v_kwargs)
+        v, hist, steps, dn = vr.v, vr.history, vr.steps, vr.delta_norm
+    else:
+        k, v = kv
+    old = down.weight.detach().clone()
+    W_new = rank_one_update(old, k, v, C, damping)
+    with torch.no_grad():
+        down.weight.copy_(W_new)
+        res = float((down.weight.double() @ k.double() - v.double()).norm() / v.double().norm())
+    return EditRecord(layer=layer, k=k, v=v, old_weight=old, delta_norm=dn, v_steps=steps,
+                      seconds=time.perf_counter() - t0, residual=res, history=hist)
+
+
+def undo(model, rec: EditRecord) -> None:
+    """Put back the down_proj weight an edit replaced."""
+    import torch
+
+    with torch.no_grad():
+        _down_proj(model, rec.layer).weight.copy_(rec.old_weight)
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def _mean_logprob(model, tok, prompts, targets):
+    from .evaluate import score_targets
+
+    r = score_targets(model, tok, prompts, targets)
+    return [x["logprob"] / x["n"] for x in r], r
+
+
+def knows_fact(model, tok, rec: dict) -> dict:
+    """Does the foundation model know ``rec``? Greedy first token = first token of target_true, and
+    P(true) > P(new) (mean per-token log-probability) on the prompt."""
+    import torch
+
+    ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lg = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1]
+    top = int(lg.argmax())
+    first_true = tok(rec["target_true"], add_special_tokens=False)["input_ids"][0]
+    (lt, ln), _ = _mean_logprob(model, tok, [rec["prompt"]] * 2, [rec["target_true"], rec["target_new"]])
+    return dict(id=rec["id"], greedy=tok.decode([top]), greedy_ok=top == first_true, true_beats_new=lt > ln,
+                known=(top == first_true) and lt > ln)
+
+
+def counterfact_reference(model, tok, rec: dict) -> list[list[int]]:
+    """Foundation-model argmax tokens on each neighbourhood prompt + its true answer (for locality)."""
+    from .evaluate import score_targets
+
+    nb = rec["neighbourhood"]
+    return [x["pred"] for x in score_targets(model, tok, [n["prompt"] for n in nb], [n["target"] for n in nb])]
+
+
+def counterfact_scores(model, tok, rec: dict, reference: list[list[int]] | None = None) -> dict:
+    """Scores of one edit (all teacher-forced).
+
+    ROME/CounterFact: ``efficacy`` = [P(new) > P(true)] on the prompt, ``paraphrase`` = mean of the
+    same on the paraphrases, ``neighbourhood`` = mean [P(true) > P(new)] on the neighbours' prompts
+    (P = mean per-token probability). EasyEdit: ``reliability`` / ``generality`` = token accuracy of
+    target_new on prompt / paraphrases; ``locality`` = fraction of the neighbours' argmax tokens
+    unchanged from ``reference`` (needs :func:`counterfact_reference` on the foundation model)."""
+    from .evaluate import score_targets
+
+    prompts = [rec["prompt"]] + list(rec["paraphrases"])
+    nb = rec["neighbourhood"]
+    nbp = [n["prompt"] for n in nb]
+    allp = prompts + prompts + nbp + nbp
+    allt = ([rec["target_new"]] * len(prompts) + [rec["target_true"]] * len(prompts)
+            + [n["target"] for n in nb] + [rec["target_new"]] * len(nb))
+    r = score_targets(model, tok, allp, allt)
+    m = [x["logprob"] / x["n"] for x in r]
+    P = len(prompts)
+    new, true = m[:P], m[P : 2 * P]
+    nb_true, nb_new = m[2 * P : 2 * P + len(nb)], m[2 * P + len(nb) :]
+    out = dict(
+        efficacy=float(new[0] > true[0]),
+        paraphrase=sum(float(a > b) for a, b in zip(new[1:], true[1:])) / (P - 1),
+        neighbourhood=sum(float(a > b) for a, b in zip(nb_true, nb_new)) / len(nb),
+        reliability=r[0]["acc"],
+        generality=sum(x["acc"] for x in r[1:P]) / (P - 1),
+    )
+    if reference is not None:
+        preds = [x["pred"] for x in r[2 * P : 2 * P + len(nb)]]
+        out["locality"] = sum(sum(int(a == b) for a, b in zip(ref, p)) / max(len(ref), 1)
+                              for ref, p in zip(reference, preds)) / len(nb)
+    return out
+
+
+def mean_scores(rows: Sequence[dict]) -> dict:
+    """Average every numeric key over rows."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+
+def finetune_edit(model, tok, rec: dict, steps: int = 10, lr: float = 5e-5, lora: dict | None = None):
+    """The baseline: make the same edit by gradient descent on ``prompt + target_new`` alone
+    (coursekit.finetune.train, batch 1; full fine-tuning, or LoRA with ``lora=dict(r=...)``).
+    Returns the (possibly re-wrapped, merged) model."""
+    from .finetune import train
+
+    ex = [{"prompt": rec["prompt"], "completion": rec["target_new"]}]
+    model, _ = train(model, tok, ex, steps=steps, lr=lr, batch_size=1, lora=lora, progress=False)
+    return model
+
+
+def sequential_edits(model, tok, recs: Sequence[dict], layer: int, C, prefixes: Sequence[str], references,
+                     damping: float = 0.0, progress: bool = True, **v_kwargs) -> list[dict]:
+    """Apply ``recs`` one after another *without* restoring (k*, v* recomputed on the current,
+    already edited model). After edit t, report the mean efficacy of edits 1..t and the mean
+    locality / neighbourhood score over edits 1..t. Weights are left edited: restore afterwards."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for t, rec in enumerate(tqdm(list(recs), desc="sequential edits", disable=not progress, leave=False), 1):
+        apply_rome(model, tok, rec, layer, C, prefixes, damping, **v_kwargs)
+        rows = [counterfact_scores(model, tok, r, ref) for r, ref in zip(recs[:t], references[:t])]
+        m = mean_scores(rows)
+        m["n_edits"] = t
+        out.append(m)
+    return out
