@@ -1,0 +1,299 @@
+"""Checks a student calls after each exercise: one line that says what is wrong, or a ✓.
+
+Each check runs the student's function on small inputs with known answers (fixed seeds, no model
+file) and compares with coursekit's own implementation — the same code the notebooks use — then
+diagnoses the usual mistakes (wrong shape, flipped sign, a missing term, a missing mask).
+
+    ck.checks.check_task_vector(task_vector)      # ✓ task_vector: 3 checks passed
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .errors import CourseError
+
+
+class CheckFailed(CourseError):
+    """A student's function gave a wrong answer; the message says how."""
+
+
+def _call(name: str, fn: Callable, *args, **kwargs):
+    if not callable(fn):
+        raise CheckFailed(f"{name}: pass the function itself, e.g. check_{name}({name})")
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise CheckFailed(f"{name}: not implemented yet — replace `raise NotImplementedError` with your code") from None
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckFailed(f"{name}: your function raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _ok(name: str, n: int) -> None:
+    print(f"✓ {name}: {n} checks passed")
+
+
+def _close(a, b, tol=1e-5) -> bool:
+    import torch
+
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return a.shape == b.shape and bool(torch.allclose(a, b, atol=tol, rtol=tol))
+
+
+def _scalar(name: str, x) -> float:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise CheckFailed(f"{name}: must return a single number (got a tensor of shape {tuple(x.shape)}); "
+                              f"did you forget to average?")
+        return float(x.detach())
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise CheckFailed(f"{name}: must return a number, got {type(x).__name__}") from None
+
+
+# ------------------------------------------------------------------ 00: measuring the three goals
+def check_token_accuracy(fn: Callable) -> None:
+    """``fn(pred_ids, target_ids) -> float``: fraction of positions where the argmax equals the target."""
+    name = "token_accuracy"
+    cases = [([5, 6, 7], [5, 6, 7], 1.0), ([1, 2, 3, 4], [1, 9, 3, 9], 0.5), ([8], [2], 0.0)]
+    for pred, tgt, want in cases:
+        got = _scalar(name, _call(name, fn, list(pred), list(tgt)))
+        if abs(got - want) > 1e-9:
+            if abs(got - want * len(tgt)) < 1e-9 and len(tgt) > 1:
+                raise CheckFailed(f"{name}: you return the number of matches ({got:g}); divide by the number of target tokens")
+            if abs(got - (1 - want)) < 1e-9:
+                raise CheckFailed(f"{name}: you count mismatches; count positions where pred == target")
+            raise CheckFailed(f"{name}: pred={pred} target={tgt} should give {want}, got {got:g}")
+    _ok(name, len(cases))
+
+
+def check_locality(fn: Callable) -> None:
+    """``fn(reference_preds, new_preds) -> float``: mean over probes of the fraction of unchanged argmax tokens."""
+    name = "locality"
+    ref = [[1, 2, 3, 4], [5, 6]]
+    cases = [(ref, [[1, 2, 3, 4], [5, 6]], 1.0), (ref, [[1, 2, 0, 0], [5, 6]], 0.75), (ref, [[0, 0, 0, 0], [0, 6]], 0.25)]
+    for r, n, want in cases:
+        got = _scalar(name, _call(name, fn, [list(x) for x in r], [list(x) for x in n]))
+        if abs(got - want) > 1e-9:
+            if abs(got - (1 - want)) < 1e-9:
+                raise CheckFailed(f"{name}: you measure how much CHANGED; locality is the fraction UNCHANGED")
+            flat = sum(a == b for x, y in zip(r, n) for a, b in zip(x, y)) / sum(map(len, r))
+            if abs(got - flat) < 1e-9:
+                raise CheckFailed(f"{name}: you pool all tokens; average the per-probe fractions instead (each probe counts once)")
+            raise CheckFailed(f"{name}: expected {want} for reference={r}, new={n}; got {got:g}")
+    _ok(name, len(cases))
+
+
+# ------------------------------------------------------------------ 01: the fine-tuning loss
+def check_completion_loss(fn: Callable) -> None:
+    """``fn(logits[B,T,V], labels[B,T]) -> scalar``: mean next-token cross-entropy over positions whose
+    label is not -100 (the answer tokens only: the lecture's l1 + l2 + … averaged)."""
+    import torch
+    import torch.nn.functional as F
+
+    name = "completion_loss"
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[:, :3] = -100  # the prompt
+    labels[1, 5] = -100   # padding
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    got_t = _call(name, fn, logits.clone(), labels.clone())
+    got = _scalar(name, got_t)
+    if abs(got - want.item()) > 1e-4:
+        unshift = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100).item()
+        if abs(got - unshift) < 1e-4:
+            raise CheckFailed(f"{name}: the logits at position t predict token t+1 — shift: logits[:, :-1] vs labels[:, 1:]")
+        nomask = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].clamp(min=0).reshape(-1)).item()
+        if abs(got - nomask) < 1e-4:
+            raise CheckFailed(f"{name}: positions labelled -100 (prompt, padding) must not count; use ignore_index=-100")
+        n = int((labels[:, 1:] != -100).sum())
+        if abs(got - want.item() * n) < 1e-3:
+            raise CheckFailed(f"{name}: you sum the token losses; average them (mean over answer tokens)")
+        raise CheckFailed(f"{name}: expected {want.item():.4f}, got {got:.4f}")
+    if isinstance(got_t, torch.Tensor):
+        lg = logits.clone().requires_grad_(True)
+        out = fn(lg, labels.clone())
+        if not out.requires_grad:
+            raise CheckFailed(f"{name}: the loss must stay differentiable (no .item(), no .detach())")
+    _ok(name, 2)
+
+
+def check_dpo_loss(fn: Callable) -> None:
+    """``fn(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta) -> loss`` (summed log-probs in)."""
+    import torch
+    import torch.nn.functional as F
+
+    name = "dpo_loss"
+    cases = [(-3.0, -5.0, -4.0, -4.0, 0.1), (-10.0, -2.0, -9.0, -3.0, 0.5), (-1.0, -1.0, -1.0, -1.0, 0.1)]
+    for pc, pr, rc, rr, b in cases:
+        want = -F.logsigmoid(torch.tensor(b * ((pc - rc) - (pr - rr)))).item()
+        got = _scalar(name, _call(name, fn, torch.tensor(pc), torch.tensor(pr), torch.tensor(rc), torch.tensor(rr), b))
+        if abs(got - want) > 1e-5:
+            flipped = -F.logsigmoid(torch.tensor(-b * ((pc - rc) - (pr - rr)))).item()
+            if abs(got - flipped) < 1e-5:
+                raise CheckFailed(f"{name}: the sign is flipped — the margin is (chosen gain) − (rejected gain)")
+            noref = -F.logsigmoid(torch.tensor(b * (pc - pr))).item()
+            if abs(got - noref) < 1e-5 and pc != pr:
+                raise CheckFailed(f"{name}: the reference model's log-probs are missing (DPO compares π with π_ref)")
+            raise CheckFailed(f"{name}: for {pc, pr, rc, rr}, beta={b} expected {want:.4f}, got {got:.4f}")
+    _ok(name, len(cases))
+
+
+# ------------------------------------------------------------------ 04: ROME's closed form
+def check_rank_one_update(fn: Callable) -> None:
+    """``fn(W[out,in], k[in], v[out], C[in,in]) -> W_new`` with W_new k = v and the C^-1 k direction."""
+    import torch
+
+    from .rome import rank_one_update
+
+    name = "rank_one_update"
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(6, generator=g, dtype=torch.float64)
+    v = torch.randn(4, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    C = A @ A.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    got = _call(name, fn, W.clone(), k.clone(), v.clone(), C.clone())
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailed(f"{name}: must return the new weight matrix as a tensor")
+    if tuple(got.shape) != tuple(W.shape):
+        raise CheckFailed(f"{name}: W_new must have W's shape {tuple(W.shape)}, got {tuple(got.shape)} — "
+                          f"the update is an outer product (v − W k)(C⁻¹k)ᵀ")
+    got = got.double()
+    if not _close(got @ k, v, 1e-6):
+        raise CheckFailed(f"{name}: W_new k* must equal v* exactly (max error {(got @ k - v).abs().max():.2e}); "
+                          f"check the residual (v − W k) and the denominator (C⁻¹k)ᵀk")
+    want = rank_one_update(W, k, v, C)
+    if not _close(got, want, 1e-6):
+        if _close(got, rank_one_update(W, k, v, None), 1e-6):
+            raise CheckFailed(f"{name}: you used C = I; the update direction must be C⁻¹k (torch.linalg.solve(C, k))")
+        raise CheckFailed(f"{name}: W_new k = v holds but the update is not rank one along C⁻¹k "
+                          f"(max diff {(got - want).abs().max():.2e})")
+    if torch.equal(W, got):
+        raise CheckFailed(f"{name}: W did not change")
+    _ok(name, 3)
+
+
+# ------------------------------------------------------------------ 05: task vectors
+def _states(seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = {"a.weight": torch.randn(3, 2, generator=g), "b.bias": torch.randn(4, generator=g)}
+    ft = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    return base, ft
+
+
+def check_task_vector(fn: Callable) -> None:
+    """``fn(finetuned_state, base_state) -> tau`` (a dict of tensors, tau = θ_ft − θ_base)."""
+    name = "task_vector"
+    base, ft = _states()
+    tau = _call(name, fn, {k: v.clone() for k, v in ft.items()}, {k: v.clone() for k, v in base.items()})
+    if not isinstance(tau, dict) or set(tau) != set(base):
+        raise CheckFailed(f"{name}: return a dict with the same keys as the state dicts ({sorted(base)})")
+    for key in base:
+        want = ft[key] - base[key]
+        if _close(tau[key], -want):
+            raise CheckFailed(f"{name}: sign flipped in '{key}' — τ = θ_finetuned − θ_base")
+        if not _close(tau[key], want):
+            raise CheckFailed(f"{name}: '{key}' is wrong (expected θ_ft − θ_base, shape {tuple(want.shape)})")
+    _ok(name, len(base))
+
+
+def check_apply_task_vectors(fn: Callable) -> None:
+    """``fn(base_state, taus, lambdas) -> state`` = θ_base + Σ λ_i τ_i (base left untouched)."""
+    name = "apply_task_vectors"
+    base, ft = _states(1)
+    _, ft2 = _states(2)
+    t1 = {k: ft[k] - base[k] for k in base}
+    t2 = {k: ft2[k] - base[k] for k in base}
+    keep = {k: v.clone() for k, v in base.items()}
+    got = _call(name, fn, base, [t1, t2], [0.5, -1.0])
+    if not isinstance(got, dict) or set(got) != set(base):
+        raise CheckFailed(f"{name}: return a new state dict with keys {sorted(base)}")
+    if any(not _close(base[k], keep[k]) for k in base):
+        raise CheckFailed(f"{name}: you modified base_state in place; build a new dict (θ_base stays usable)")
+    for k in base:
+        want = base[k] + 0.5 * t1[k] - 1.0 * t2[k]
+        if _close(got[k], base[k] + t1[k] + t2[k]):
+            raise CheckFailed(f"{name}: the scaling coefficients λ are ignored")
+        if not _close(got[k], want):
+            raise CheckFailed(f"{name}: '{k}' should be θ_base + Σ λ_i τ_i")
+    _ok(name, len(base) + 1)
+
+
+# ------------------------------------------------------------------ 06: test-time training
+def check_entropy_loss(fn: Callable) -> None:
+    """``fn(logits[N,C]) -> scalar``: mean Shannon entropy (nats) of softmax(logits) over rows."""
+    import torch
+
+    name = "entropy_loss"
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g)
+    p = logits.softmax(-1)
+    want = -(p * p.log()).sum(-1).mean().item()
+    got = _scalar(name, _call(name, fn, logits.clone()))
+    if abs(got - want) > 1e-5:
+        if abs(got + want) < 1e-5:
+            raise CheckFailed(f"{name}: missing minus sign — entropy is −Σ p log p (a positive number)")
+        if abs(got - want * 5) < 1e-4:
+            raise CheckFailed(f"{name}: you sum over the batch; take the mean over rows")
+        q = torch.sigmoid(logits)
+        if abs(got - (-(q * q.log()).sum(-1).mean().item())) < 1e-5 or abs(got - (-(logits * logits.clamp(min=1e-9).log()).sum(-1).mean().item())) < 1e-5:
+            raise CheckFailed(f"{name}: turn logits into probabilities with softmax over the classes first")
+        raise CheckFailed(f"{name}: expected {want:.4f}, got {got:.4f}")
+    uni = _scalar(name, fn(torch.zeros(2, 4)))
+    if abs(uni - math.log(4)) > 1e-5:
+        raise CheckFailed(f"{name}: uniform predictions over 4 classes should give log 4 = {math.log(4):.4f}, got {uni:.4f}")
+    _ok(name, 2)
+
+
+def check_covariance(fn: Callable) -> None:
+    """``fn(K[n, d]) -> C[d, d]``: ROME's uncentred second moment E[k kᵀ] = Kᵀ K / n."""
+    import torch
+
+    name = "covariance"
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(50, 4, generator=g, dtype=torch.float64) + 2.0
+    got = _call(name, fn, K.clone())
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != (4, 4):
+        raise CheckFailed(f"{name}: must return a d×d tensor (here 4×4) — Kᵀ K, not K Kᵀ")
+    want = K.T @ K / K.shape[0]
+    if not _close(got.double(), want, 1e-8):
+        Kc = K - K.mean(0)
+        if _close(got.double(), Kc.T @ Kc / K.shape[0], 1e-6) or _close(got.double(), torch.cov(K.T), 1e-6):
+            raise CheckFailed(f"{name}: ROME uses the UNCENTRED second moment E[k kᵀ] — do not subtract the mean")
+        if _close(got.double(), K.T @ K, 1e-6):
+            raise CheckFailed(f"{name}: divide by the number of keys n (an average, not a sum)")
+        raise CheckFailed(f"{name}: expected Kᵀ K / n")
+    _ok(name, 1)
+
+
+def check_mcc_loss(fn: Callable) -> None:
+    """``fn(logits[n, K], temperature) -> scalar``: SUTA's minimum class confusion (see coursekit.ttt.mcc_loss)."""
+    import torch
+
+    from .ttt import mcc_loss
+
+    name = "mcc_loss"
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 4, generator=g)
+    want = mcc_loss(logits, 2.5).item()
+    got = _scalar(name, _call(name, fn, logits.clone(), 2.5))
+    if abs(got - want) > 1e-5:
+        if abs(got - mcc_loss(logits, 1.0).item()) < 1e-5:
+            raise CheckFailed(f"{name}: the temperature is ignored — use softmax(logits / T)")
+        raise CheckFailed(f"{name}: expected {want:.4f}, got {got:.4f} (weights 1 + exp(−H) rescaled to sum to n; "
+                          f"C = Yᵀ diag(w) Y; normalise each row of C; off-diagonal mass / K)")
+    logits2 = torch.randn(7, 3, generator=g)
+    got2 = _scalar(name, _call(name, fn, logits2.clone(), 1.0))
+    if abs(got2 - mcc_loss(logits2, 1.0).item()) > 1e-5:
+        raise CheckFailed(f"{name}: correct for one input but not for 7 predictions over 3 classes at T = 1")
+    _ok(name, 2)
