@@ -2,6 +2,7 @@
 #   make course       execute every notebook into build/executed and print the results table
 #   make test         unit tests + nbval over every notebook (what CI runs)
 #   make lab          JupyterLab on the course
+#   make assignments  student versions of the notebooks into build/assignments
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export MPLBACKEND = Agg
 
-.PHONY: install course test unit nbval lab clean
+.PHONY: install course test unit nbval lab assignments clean
 
 install: $(STAMP)
 
@@ -40,6 +41,9 @@ nbval: install
 
 lab: install
 	$(PY) -m jupyter lab notebooks
+
+assignments: install
+	$(PY) -m coursekit.assignments notebooks build/assignments
 
 clean:
 	rm -rf build .pytest_cache
