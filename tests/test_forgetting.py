@@ -111,3 +111,38 @@ def test_task_accuracy_and_locality_run_on_tiny(tiny):
     assert 0.0 <= acc <= 1.0
     loc = fg.Locality(prompts=["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"], reference=["Hello there."])
     assert 0.0 <= loc(model, tok) <= 1.0
+
+
+def test_alignment_stage_caches_and_unfreezes(tiny, tmp_cache):
+    import torch
+
+    from conftest import make_tiny_llama
+
+    model, tok = tiny
+    sk = fg.load_skills()
+    sk = dict(sk, align=sk["align"][:2])
+    m1, hist = fg.alignment_stage(model, tok, sk, steps=1, lr=1e-3, batch_size=2, progress=False)
+    assert len(hist) == 1 and all(p.requires_grad for p in m1.parameters())
+    assert list((tmp_cache / "forgetting").glob("aligned-*.safetensors"))
+    m2, hist2 = fg.alignment_stage(make_tiny_llama(tok), tok, sk, steps=1, lr=1e-3, batch_size=2, progress=False)
+    assert hist2 == []  # loaded from the cache, not retrained
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        if "proj" in k and any(t in k for t in fg.ALIGN_TARGETS):
+            assert torch.equal(a, b), k
+    with pytest.raises(CourseError, match="positive"):
+        fg.alignment_stage(model, tok, sk, steps=0)
+
+
+def test_scoreboard_on_tiny(tiny):
+    from coursekit.data import load_edits
+
+    model, tok = tiny
+    pr = fg.load_probes()
+    pr = dict(pr, who_heldout=pr["who_heldout"][:2], non_who=pr["non_who"][:2])
+    edit = next(e for e in load_edits() if e["id"] == "handsome")
+    board = fg.Scoreboard(model, tok, edit, pr, max_new_tokens=2, loc_tokens=3)
+    row = board.measure(model, "same model")
+    assert row["locality"] == pytest.approx(1.0)  # argmax unchanged against itself
+    # (held-out locality re-tokenizes decoded random-model text, so only its range is checked here)
+    assert 0.0 <= row["locality_heldout"] <= 1.0 and row["who_contamination"] == 0.0
+    assert "same model" in board.table()
