@@ -13,6 +13,10 @@ export TOKENIZERS_PARALLELISM = false
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export MPLBACKEND = Agg
+# One BLAS/OpenMP thread: the committed outputs were computed this way, and greedy decoding and
+# fine-tuning trajectories are only bit-reproducible at a fixed thread count. Override for speed.
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
 
 .PHONY: install course test unit nbval lab assignments clean
 

@@ -126,6 +126,8 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
         target.eval()
     if lora and merge:
         model = target.merge_and_unload()
+        for p in model.parameters():  # peft froze the base weights; give back a normally trainable model
+            p.requires_grad_(True)
         model.eval()
     elif lora:
         model = target
