@@ -133,10 +133,15 @@ class EditHarness:
         fn = prompt_fn or default_prompt_fn(self.tok)
         return [fn(p["question"], p["prefix"]) for p in probes]
 
-    def reference(self, model) -> list[list[int]]:
-        """The foundation model's argmax predictions on every locality probe (default prompt)."""
+    def reference(self, model, prompt_fn: PromptFn | None = None) -> list[list[int]]:
+        """The foundation model's argmax predictions on every locality probe.
+
+        With the default chat prompt (``prompt_fn=None``) locality measures change against the
+        foundation model as people normally use it — also when :meth:`evaluate` adds notes to the
+        prompt. Pass the same ``prompt_fn`` as to :meth:`evaluate` to compare like with like (e.g.
+        completion-style prompts for model editing)."""
         loc = [p for p in self.probes if p["kind"] == "locality"]
-        r = score_targets(model, self.tok, self._prompts(None, loc), [p["target"] for p in loc], self.batch_size)
+        r = score_targets(model, self.tok, self._prompts(prompt_fn, loc), [p["target"] for p in loc], self.batch_size)
         return [x["pred"] for x in r]
 
     def evaluate(self, model, reference: list[list[int]] | None = None,
