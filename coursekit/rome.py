@@ -429,11 +429,11 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
         tt = torch.tensor(t_ids, device=dev)
         step = 0
         for step in range(1, steps + 1):
-            lg = model(input_ids=ids, attention_mask=att).logits.float()
-            lp = torch.log_softmax(lg, -1)
-            nll = torch.stack([-lp[r, torch.arange(tp - 1, tp - 1 + len(t_ids), device=dev), tt].mean()
-                               for r, tp in enumerate(tgt_pos)]).mean()
-            kl_new = lp[n_ctx, len(kp) - 1]
+            hid = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+            # logits only where they are needed (the target positions and the essence position)
+            nll = torch.stack([-torch.log_softmax(model.lm_head(hid[r, tp - 1 : tp - 1 + len(t_ids)]).float(), -1)
+                               [torch.arange(len(t_ids), device=dev), tt].mean() for r, tp in enumerate(tgt_pos)]).mean()
+            kl_new = torch.log_softmax(model.lm_head(hid[n_ctx, len(kp) - 1]).float(), -1)
             kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="sum")
             wd = weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + kl_weight * kl + wd
