@@ -292,7 +292,8 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
                start: dict | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Fine-tune from the foundation weights with ``cfg``, log a point every ``every`` steps, then
     restore the foundation weights (``snap``). Returns ``{"config", "points"}``; each point has
-    ``step``, ``skill``, ``skill_loss``, ``agreement``, ``forgetting``, ``train_loss``. ``start`` (the
+    ``step``, ``skill``, ``skill_loss`` (the fine-tuning loss, on held-out examples of the new task),
+    ``agreement``, ``forgetting`` and ``batch_loss`` (the training batch's loss at that step). ``start`` (the
     step-0 point, measured once on the foundation model) is prepended when given."""
     from .finetune import train
     from .models import restore
@@ -302,7 +303,6 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
         raise CourseError(f"run_config(): steps and every must be positive (got {steps}, {every})")
     if c["reg"] == "ewc" and fisher is None:
         raise CourseError(f"run '{c['name']}': reg 'ewc' needs fisher= (see diag_fisher())")
-    train_skill = NewSkill.from_examples(examples)
     restore(model, snap)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -314,7 +314,7 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
     points = [dict(start, step=0)] if start else []
 
     def cb(step, m):
-        return measure(m, tok, new, old, train_skill)
+        return measure(m, tok, new, old)
 
     lora = dict(r=c["r"], target_modules=c["targets"]) if c["method"] == "lora" else None
     try:
@@ -328,7 +328,7 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
             p.requires_grad_(True)
     for h in hist:
         if "skill" in h:
-            pt = {k: h[k] for k in ("step", "skill", "skill_loss", "agreement", "forgetting", "train_loss")}
+            pt = {k: h[k] for k in ("step", "skill", "skill_loss", "agreement", "forgetting")}
             pt["batch_loss"] = h["loss"]
             points.append(pt)
     return {"config": c, "points": points}
