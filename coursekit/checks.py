@@ -297,3 +297,53 @@ def check_mcc_loss(fn: Callable) -> None:
     if abs(got2 - mcc_loss(logits2, 1.0).item()) > 1e-5:
         raise CheckFailed(f"{name}: correct for one input but not for 7 predictions over 3 classes at T = 1")
     _ok(name, 2)
+
+
+# ------------------------------------------------------------------ 02: regularisation
+def check_param_penalty(fn: Callable) -> None:
+    """``fn(params, anchor, lam, weights=None) -> scalar``: R = λ Σ_j w_j (θ_j − θ_j⁰)² (w_j = 1 if weights is None)."""
+    import torch
+
+    name = "param_penalty"
+    g = torch.Generator().manual_seed(0)
+    anchor = {"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)}
+    params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in anchor.items()}
+    weights = {k: torch.rand(v.shape, generator=g) * 2 for k, v in anchor.items()}
+    uni = 0.5 * sum(((params[k] - anchor[k]) ** 2).sum() for k in anchor).item()
+    ewc = 0.5 * sum((weights[k] * (params[k] - anchor[k]) ** 2).sum() for k in anchor).item()
+    got_u = _scalar(name, _call(name, fn, params, anchor, 0.5, None))
+    if abs(got_u - uni) > 1e-5:
+        if abs(got_u - 0.5 * sum((params[k] - anchor[k]).abs().sum() for k in anchor).item()) < 1e-5:
+            raise CheckFailed(f"{name}: square the differences (θ − θ⁰)², not their absolute value")
+        if abs(got_u - uni / 0.5) < 1e-5:
+            raise CheckFailed(f"{name}: multiply by λ")
+        if abs(got_u - 0.5 * sum((params[k] ** 2).sum() for k in anchor).item()) < 1e-5:
+            raise CheckFailed(f"{name}: that is plain weight decay (θ²); the penalty pulls towards the foundation weights θ⁰")
+        raise CheckFailed(f"{name}: L2-SP (weights=None) should be λ Σ (θ − θ⁰)² = {uni:.4f}, got {got_u:.4f}")
+    got_w = _scalar(name, _call(name, fn, params, anchor, 0.5, weights))
+    if abs(got_w - ewc) > 1e-5:
+        if abs(got_w - uni) < 1e-5:
+            raise CheckFailed(f"{name}: the per-parameter weights λ_j (EWC's Fisher) are ignored")
+        raise CheckFailed(f"{name}: with weights it should be λ Σ w_j (θ_j − θ_j⁰)² = {ewc:.4f}, got {got_w:.4f}")
+    _ok(name, 2)
+
+
+def check_pearson(fn: Callable) -> None:
+    """``fn(x, y) -> r``: Pearson correlation of two lists of numbers."""
+    import numpy as np
+
+    name = "pearson"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=12)
+    y = 2 * x + rng.normal(size=12)
+    want = float(np.corrcoef(x, y)[0, 1])
+    got = _scalar(name, _call(name, fn, list(map(float, x)), list(map(float, y))))
+    if abs(got - want) > 1e-6:
+        cov = float(np.mean((x - x.mean()) * (y - y.mean())))
+        if abs(got - cov) < 1e-6 or abs(got - cov * 12 / 11) < 1e-6:
+            raise CheckFailed(f"{name}: that is the covariance; divide by std(x)·std(y)")
+        raise CheckFailed(f"{name}: expected {want:.4f}, got {got:.4f}")
+    neg = _scalar(name, fn([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]))
+    if abs(neg + 1) > 1e-9:
+        raise CheckFailed(f"{name}: a perfectly decreasing relation should give −1, got {neg:.4f}")
+    _ok(name, 2)
