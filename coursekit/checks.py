@@ -347,3 +347,46 @@ def check_pearson(fn: Callable) -> None:
     if abs(neg + 1) > 1e-9:
         raise CheckFailed(f"{name}: a perfectly decreasing relation should give −1, got {neg:.4f}")
     _ok(name, 2)
+
+
+# ------------------------------------------------------------------ 03: replay
+def check_mix_replay(fn: Callable) -> None:
+    """``fn(task, replay, ratio) -> pool``: all task examples plus k replay examples, k = round(ratio·n/(1 − ratio)),
+    so that replay is a share ``ratio`` of the *pool* (taken in order, cycling if needed)."""
+    name = "mix_replay"
+    task = [f"t{i}" for i in range(19)]
+    replay = [f"r{i}" for i in range(3)]
+    for ratio, k in ((0.05, 1), (0.25, 6), (0.0, 0)):
+        pool = _call(name, fn, list(task), list(replay), ratio)
+        if not isinstance(pool, list):
+            raise CheckFailed(f"{name}: return a list (the training pool)")
+        if [x for x in pool if x.startswith("t")] != task:
+            raise CheckFailed(f"{name}: the pool must contain every task example once, in order")
+        got = len(pool) - len(task)
+        if got != k:
+            if got == round(ratio * len(task)):
+                raise CheckFailed(f"{name}: ratio is the replay share of the whole POOL: k = round(ratio·n / (1 − ratio)), "
+                                  f"not ratio·n (ratio {ratio}, n {len(task)} -> k {k}, you gave {got})")
+            raise CheckFailed(f"{name}: ratio {ratio} with {len(task)} task examples needs {k} replay examples, got {got}")
+        if k and [x for x in pool if x.startswith("r")] != [replay[i % len(replay)] for i in range(k)]:
+            raise CheckFailed(f"{name}: take replay examples in order, cycling when there are fewer than k")
+    _ok(name, 3)
+
+
+def check_token_mask(fn: Callable) -> None:
+    """``fn(logprobs, threshold) -> mask``: per-token perplexity exp(−log p); keep (1) tokens with
+    perplexity ≤ threshold, drop (0) the surprising ones."""
+    import math as _m
+
+    name = "token_mask"
+    logprobs = [-0.01, -2.0, -0.5, -5.0, _m.log(1 / 2.5)]
+    want = [1, 0, 1, 0, 1]
+    got = _call(name, fn, list(logprobs), 2.5)
+    got = [int(x) for x in got] if isinstance(got, (list, tuple)) else got
+    if got != want:
+        if got == [1 - w for w in want]:
+            raise CheckFailed(f"{name}: the mask is inverted — 1 keeps a token in the loss; drop tokens ABOVE the threshold")
+        if got == [int(-lp <= 2.5) for lp in logprobs]:
+            raise CheckFailed(f"{name}: compare the perplexity exp(−log p), not −log p, with the threshold")
+        raise CheckFailed(f"{name}: for log-probs {logprobs} and threshold 2.5 expected {want}, got {got}")
+    _ok(name, 1)
