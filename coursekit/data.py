@@ -90,17 +90,26 @@ class _Checker:
         return v
 
 
-def load_edits(name: str | Path = "edits.jsonl") -> list[dict]:
-    """Edit requests (schema in data/README.md), validated; ids must be unique."""
+def records_with_ids(name: str | Path):
+    """Yield ``(checker, record)`` for each record of a JSONL file whose ``id`` is present and unique.
+
+    The one loop every validated course data file starts with; the caller checks the other fields
+    with ``checker.string(...)`` / ``checker.fail(...)`` so errors name the file, line, id and field."""
     path = data_path(str(name))
-    seen = set()
-    edits = []
+    seen: set[str] = set()
     for line, rec in read_jsonl(path):
         c = _Checker(path, line, rec)
-        eid = c.string(rec, "id")
-        if eid in seen:
-            c.fail("id", f"'{eid}' is used twice")
-        seen.add(eid)
+        rid = c.string(rec, "id")
+        if rid in seen:
+            c.fail("id", f"'{rid}' is used twice")
+        seen.add(rid)
+        yield c, rec
+
+
+def load_edits(name: str | Path = "edits.jsonl") -> list[dict]:
+    """Edit requests (schema in data/README.md), validated; ids must be unique."""
+    edits = []
+    for c, rec in records_with_ids(name):
         c.string(rec, "subject")
         c.string(rec, "question")
         c.string(rec, "prefix", required=False, allow_empty=True)

@@ -55,17 +55,10 @@ METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 def load_skill(name: str) -> list[dict]:
     """Records of ``data/skills_<name>.jsonl`` (or a path), validated (see the module docstring)."""
-    from .data import _Checker, data_path, read_jsonl
+    from .data import records_with_ids
 
-    path = data_path(name if name.endswith(".jsonl") else f"skills_{name}.jsonl")
-    seen: set[str] = set()
     out = []
-    for line, rec in read_jsonl(path):
-        c = _Checker(path, line, rec)
-        rid = c.string(rec, "id")
-        if rid in seen:
-            c.fail("id", f"'{rid}' is used twice")
-        seen.add(rid)
+    for c, rec in records_with_ids(name if name.endswith(".jsonl") else f"skills_{name}.jsonl"):
         split = c.string(rec, "split")
         if split not in SPLITS:
             c.fail("split", f"must be one of {SPLITS} (got '{split}')")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .data import _Checker, _rel, data_path, read_jsonl
+from .data import records_with_ids
 from .errors import CourseError
 
 # ---------------------------------------------------------------------------------------------- data
@@ -46,15 +46,8 @@ from .errors import CourseError
 
 def load_counterfact(name: str | Path = "counterfact.jsonl") -> list[dict]:
     """The CounterFact-style edit requests (schema in this module's docstring), validated."""
-    path = data_path(str(name))
-    seen: set[str] = set()
     out = []
-    for line, rec in read_jsonl(path):
-        c = _Checker(path, line, rec)
-        eid = c.string(rec, "id")
-        if eid in seen:
-            c.fail("id", f"'{eid}' is used twice")
-        seen.add(eid)
+    for c, rec in records_with_ids(name):
         subj = c.string(rec, "subject")
         prompt = c.string(rec, "prompt")
         t_true = c.string(rec, "target_true")

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import _Checker, data_path, read_jsonl
+from .data import records_with_ids
 from .errors import CourseError
 
 # ----------------------------------------------------------------------------------------------
@@ -103,14 +103,8 @@ def mse(pred, target) -> float:
 
 def load_passages(name: str = "ttt_passages.jsonl") -> tuple[list[dict], list[dict]]:
     """``(train, test)`` passages from a validated JSONL file (schema in the module docstring)."""
-    path = data_path(name)
-    seen, train, test = set(), [], []
-    for line, rec in read_jsonl(path):
-        c = _Checker(path, line, rec)
-        pid = c.string(rec, "id")
-        if pid in seen:
-            c.fail("id", f"'{pid}' is used twice")
-        seen.add(pid)
+    train, test = [], []
+    for c, rec in records_with_ids(name):
         c.string(rec, "topic")
         c.string(rec, "text")
         split = c.string(rec, "split")
