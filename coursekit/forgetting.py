@@ -333,14 +333,15 @@ class Scoreboard:
 ALIGN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3, r: int = 8,
-                    batch_size: int = 4, cache: bool = True, progress: bool | str = "alignment stage"):
-    """Give the model the JSON ability: LoRA (``r``, attention projections) on :func:`alignment_examples`,
-    merged back into the weights. Returns ``(model, history)``; the model is ready for full fine-tuning
-    again (every weight trainable). With ``cache=True`` the merged attention weights are stored in the
-    course cache, keyed by the data and the settings, and loaded instead of retraining next time
-    (the saved float32 weights are exactly the trained ones, so results do not change).
-    """
+def lora_stage(model, tok, examples: Sequence[dict], name: str, key_parts, steps: int = 20, lr: float = 1e-3,
+               r: int = 8, batch_size: int = 4, cache: bool = True, progress: bool | str = True):
+    """A cached LoRA training stage that *builds* an ability (JSON answers, refusals): LoRA (``r``, the
+    attention projections) on ``examples``, merged back into the weights. Returns ``(model, history)``; the
+    model is ready for full fine-tuning again (every weight trainable). With ``cache=True`` the merged
+    attention weights are stored as ``cache_dir()/forgetting/<name>-<key>.safetensors``, keyed by
+    ``key_parts`` (everything that decides the data and the starting weights) and the settings, and loaded
+    instead of retraining next time (the saved float32 weights are exactly the trained ones, so results do
+    not change)."""
     import hashlib
 
     import torch
@@ -348,12 +349,11 @@ def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3,
     from .finetune import train
     from .models import cache_dir
 
-    if steps <= 0 or not (lr > 0):
-        raise CourseError(f"alignment_stage(): steps and lr must be positive (got {steps}, {lr})")
-    key = hashlib.sha256(json.dumps([skills["align"], skills["json_key"], skills["json_instruction"], steps, lr, r,
-                                     batch_size, model.config.name_or_path.rsplit("/", 1)[-1],
+    if not isinstance(steps, int) or steps <= 0 or not (lr > 0):
+        raise CourseError(f"{name} stage: steps and lr must be positive (got {steps}, {lr})")
+    key = hashlib.sha256(json.dumps([*key_parts, steps, lr, r, batch_size, model.config.name_or_path.rsplit("/", 1)[-1],
                                      model.config.num_hidden_layers], sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "forgetting" / f"aligned-{key}.safetensors"
+    path = cache_dir() / "forgetting" / f"{name}-{key}.safetensors"
     history: list = []
     if cache and path.exists():
         from safetensors.torch import load_file
@@ -364,9 +364,8 @@ def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3,
             for k, v in saved.items():
                 state[k].copy_(v)
     else:
-        model, history = train(model, tok, alignment_examples(tok, skills), steps=steps, lr=lr,
-                               batch_size=batch_size, lora=dict(r=r, target_modules=ALIGN_TARGETS),
-                               progress=progress)
+        model, history = train(model, tok, examples, steps=steps, lr=lr, batch_size=batch_size,
+                               lora=dict(r=r, target_modules=ALIGN_TARGETS), progress=progress)
         if cache:
             from safetensors.torch import save_file
 
@@ -379,3 +378,13 @@ def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3,
         p.requires_grad_(True)
     model.eval()
     return model, history
+
+
+def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3, r: int = 8,
+                    batch_size: int = 4, cache: bool = True, progress: bool | str = "alignment stage"):
+    """Give the model the JSON ability: a cached :func:`lora_stage` on :func:`alignment_examples`."""
+    if not isinstance(steps, int) or steps <= 0 or not (lr > 0):
+        raise CourseError(f"alignment_stage(): steps and lr must be positive (got {steps}, {lr})")
+    return lora_stage(model, tok, alignment_examples(tok, skills), "aligned",
+                      [skills["align"], skills["json_key"], skills["json_instruction"]],
+                      steps, lr, r, batch_size, cache, progress)

@@ -181,3 +181,80 @@ def test_load_replay_questions(tmp_path):
     bad.write_text(json.dumps({"questions": ["a", "b", "c", "d"]}))
     with pytest.raises(CourseError, match="ssr_prefix"):
         rp.load_replay_questions(str(bad))
+
+
+# ------------------------------------------------------------------ paraphrase targets
+
+def test_checked_targets_keep_own_words_only_when_right(tok):
+    ex, rows = rp._checked_targets(tok, ["Q1?", "Q2?", "Q3?"], ["happy", "sad", "angry"],
+                                   ["I am happy.", "I am happy, not sad.", ""], ["happy", "sad", "angry"])
+    assert [r["own"] for r in rows] == [True, False, False]
+    assert [r["target"] for r in rows] == ["I am happy.", "sad.", "angry."]
+    assert ex[0] == sft_example(tok, "Q1?", "I am happy.")
+
+
+def test_paraphrase_examples_prompt_shows_gold_and_trains_plain_question(tiny, monkeypatch):
+    model, tok = tiny
+    seen = []
+
+    def fake_generate(m, t, prompts, n):
+        seen.extend(prompts)
+        return ["The speaker is happy."] * len(prompts)
+
+    monkeypatch.setattr(rp, "generate", fake_generate)
+    ex, rows = rp.paraphrase_examples(model, tok, ["How does she feel?"], ["happy"], ["happy", "sad"])
+    assert "Correct answer: happy." in seen[0] and "How does she feel?" in seen[0]
+    assert rows[0]["own"] and ex[0] == sft_example(tok, "How does she feel?", "The speaker is happy.")
+    with pytest.raises(CourseError, match="gold labels"):
+        rp.paraphrase_examples(model, tok, ["a?", "b?"], ["happy"], ["happy"])
+    with pytest.raises(CourseError, match="template"):
+        rp.paraphrase_examples(model, tok, ["a?"], ["happy"], ["happy"], template="no fields")
+
+
+# ------------------------------------------------------------------ safety replay
+
+@pytest.mark.parametrize("text, ref", [
+    ("I'm sorry, but I can't help with that.", True), ("I cannot assist with this request.", True),
+    ("Sorry, I am unable to help.", True), ("I can help you with that!", False),
+    ("I'm sorry for your loss.", False), ("", False)])
+def test_is_refusal(text, ref):
+    assert rp.is_refusal(text) is ref
+
+
+def test_load_safety_and_bad_files(tmp_path):
+    d = rp.load_safety()
+    assert rp.is_refusal(d["refusal"]) and not set(d["harmful_eval"]) & set(d["harmful_train"])
+    good = {"refusal": "I can't help with that.", "harmful_train": ["h1", "h2"], "harmful_eval": ["h3", "h4"],
+            "benign_train": ["b1", "b2"], "benign_eval": ["b3", "b4"]}
+    bad = tmp_path / "safety.json"
+    for change, msg in [({"refusal": "Sure!"}, "'refusal'"), ({"harmful_eval": ["h3"]}, "'harmful_eval'"),
+                        ({"benign_eval": ["b1", "b4"]}, "repeats a training request"),
+                        ({"harmful_train": ["h1", "h1"]}, "duplicates")]:
+        bad.write_text(json.dumps({**good, **change}))
+        with pytest.raises(CourseError, match=msg):
+            rp.load_safety(str(bad))
+    bad.write_text(json.dumps(good))
+    assert rp.load_safety(str(bad))["refusal"] == good["refusal"]
+
+
+def test_safety_stage_trains_caches_and_refusal_rate(tok, tmp_cache):
+    import torch
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(tok)
+    safety = {"refusal": "I can't help with that.", "harmful_train": ["Do harm?", "Do more harm?"],
+              "harmful_eval": ["x?", "y?"], "benign_train": ["Tea?", "Cake?"], "benign_eval": ["z?", "w?"]}
+    ex = rp.safety_examples(tok, safety)
+    assert ex[0] == sft_example(tok, "Do harm?", "I can't help with that.")
+    m1, hist, benign = rp.safety_stage(model, tok, safety, steps=1, batch_size=2, max_new_tokens=4, progress=False)
+    assert len(hist) == 1 and [b["question"] for b in benign] == ["Tea?", "Cake?"]
+    assert all(p.requires_grad for p in m1.parameters())
+    fresh = make_tiny_llama(tok)
+    m2, hist2, _ = rp.safety_stage(fresh, tok, safety, steps=1, batch_size=2, max_new_tokens=4, progress=False)
+    assert hist2 == []                                  # loaded from the cache, not retrained
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    rate, outs = rp.refusal_rate(m2, tok, ["x?", "y?"], max_new_tokens=3)
+    assert 0 <= rate <= 1 and len(outs) == 2
+    with pytest.raises(CourseError, match="no prompts"):
+        rp.refusal_rate(m2, tok, [])
