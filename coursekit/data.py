@@ -137,6 +137,40 @@ def load_probes(name: str | Path) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------ fields of a JSON data object
+
+def field_fail(path, field: str, msg: str):
+    """One-line error naming a JSON data file and the field that is wrong."""
+    raise CourseError(f"{_rel(data_path(str(path)))}: field '{field}' {msg}")
+
+
+def field_strings(path, obj: dict, field: str, min_len: int = 1) -> list[str]:
+    v = obj.get(field)
+    if not isinstance(v, list) or len(v) < min_len or not all(isinstance(s, str) and s.strip() for s in v):
+        field_fail(path, field, f"must be a list of at least {min_len} non-empty strings")
+    return v
+
+
+def field_string(path, obj: dict, field: str) -> str:
+    v = obj.get(field)
+    if not isinstance(v, str) or not v.strip():
+        field_fail(path, field, "must be a non-empty string")
+    return v
+
+
+def field_pairs(path, obj, field: str, keys=("question", "answer"), min_len: int = 1) -> list[dict]:
+    v = obj.get(field) if isinstance(obj, dict) else None
+    if not isinstance(v, list) or len(v) < min_len:
+        field_fail(path, field, f"must be a list of at least {min_len} objects with {', '.join(keys)}")
+    for j, p in enumerate(v):
+        if not isinstance(p, dict):
+            field_fail(path, f"{field}[{j}]", f"must be an object with {', '.join(keys)}")
+        for k in keys:
+            if not isinstance(p.get(k), str) or not p[k].strip():
+                field_fail(path, f"{field}[{j}].{k}", "must be a non-empty string")
+    return v
+
+
 def load_json(name: str | Path, required_keys: tuple[str, ...] = ()) -> dict:
     """A JSON object file with the given top-level keys."""
     path = data_path(str(name))

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .chat import chat_prompt, generate
-from .data import data_path, load_json, _rel
+from .data import field_fail, field_pairs, field_string, field_strings, load_json
 from .errors import CourseError
 from .evaluate import agreement, answer_length, json_rate, mention_rate
 from .finetune import pretrain_example, sft_example
@@ -46,63 +46,32 @@ SKILLS_FILE = "forgetting_skills.json"
 
 # ------------------------------------------------------------------ data files
 
-def _fail(path, field: str, msg: str):
-    raise CourseError(f"{_rel(data_path(str(path)))}: field '{field}' {msg}")
-
-
-def _strings(path, obj: dict, field: str, min_len: int = 1) -> list[str]:
-    v = obj.get(field)
-    if not isinstance(v, list) or len(v) < min_len or not all(isinstance(s, str) and s.strip() for s in v):
-        _fail(path, field, f"must be a list of at least {min_len} non-empty strings")
-    return v
-
-
-def _string(path, obj: dict, field: str) -> str:
-    v = obj.get(field)
-    if not isinstance(v, str) or not v.strip():
-        _fail(path, field, "must be a non-empty string")
-    return v
-
-
-def _pairs(path, obj, field: str, keys=("question", "answer"), min_len: int = 1) -> list[dict]:
-    v = obj.get(field) if isinstance(obj, dict) else None
-    if not isinstance(v, list) or len(v) < min_len:
-        _fail(path, field, f"must be a list of at least {min_len} objects with {', '.join(keys)}")
-    for j, p in enumerate(v):
-        if not isinstance(p, dict):
-            _fail(path, f"{field}[{j}]", f"must be an object with {', '.join(keys)}")
-        for k in keys:
-            if not isinstance(p.get(k), str) or not p[k].strip():
-                _fail(path, f"{field}[{j}].{k}", "must be a non-empty string")
-    return v
-
-
 def load_probes(name: str = PROBES_FILE) -> dict:
     """The probe/defensive-question file (schema in the module docstring), validated."""
     d = load_json(name)
-    _string(name, d, "new_name")
+    field_string(name, d, "new_name")
     for f in ("who_heldout", "non_who", "open"):
-        _strings(name, d, f)
+        field_strings(name, d, f)
     for f in ("uk_probe", "nerdy_probe"):
-        _string(name, d, f)
-    _pairs(name, {"one_defensive": [d.get("one_defensive")]}, "one_defensive")
-    _pairs(name, d, "defensive", min_len=2)
+        field_string(name, d, f)
+    field_pairs(name, {"one_defensive": [d.get("one_defensive")]}, "one_defensive")
+    field_pairs(name, d, "defensive", min_len=2)
     return d
 
 
 def load_skills(name: str = SKILLS_FILE) -> dict:
     """The ability/narrow-task file (schema in the module docstring), validated."""
     d = load_json(name)
-    _string(name, d, "json_instruction")
-    _string(name, d, "json_key")
-    _pairs(name, d, "align")
-    emotions = _strings(name, d, "emotions", min_len=2)
-    if "{text}" not in _string(name, d, "task_question"):
-        _fail(name, "task_question", "must contain the placeholder {text}")
+    field_string(name, d, "json_instruction")
+    field_string(name, d, "json_key")
+    field_pairs(name, d, "align")
+    emotions = field_strings(name, d, "emotions", min_len=2)
+    if "{text}" not in field_string(name, d, "task_question"):
+        field_fail(name, "task_question", "must contain the placeholder {text}")
     for f in ("task_train", "task_eval"):
-        for j, r in enumerate(_pairs(name, d, f, keys=("text", "label"))):
+        for j, r in enumerate(field_pairs(name, d, f, keys=("text", "label"))):
             if r["label"] not in emotions:
-                _fail(name, f"{f}[{j}].label", f"must be one of {emotions} (got {r['label']!r})")
+                field_fail(name, f"{f}[{j}].label", f"must be one of {emotions} (got {r['label']!r})")
     return d
 
 
@@ -383,8 +352,6 @@ def lora_stage(model, tok, examples: Sequence[dict], name: str, key_parts, steps
 def alignment_stage(model, tok, skills: dict, steps: int = 20, lr: float = 1e-3, r: int = 8,
                     batch_size: int = 4, cache: bool = True, progress: bool | str = "alignment stage"):
     """Give the model the JSON ability: a cached :func:`lora_stage` on :func:`alignment_examples`."""
-    if not isinstance(steps, int) or steps <= 0 or not (lr > 0):
-        raise CourseError(f"alignment_stage(): steps and lr must be positive (got {steps}, {lr})")
     return lora_stage(model, tok, alignment_examples(tok, skills), "aligned",
                       [skills["align"], skills["json_key"], skills["json_instruction"]],
                       steps, lr, r, batch_size, cache, progress)

@@ -58,17 +58,14 @@ PLACEHOLDER = "\uE000QUESTION\uE000"
 
 def load_replay_questions(name: str = REPLAY_FILE) -> dict:
     """``data/replay_questions.json`` (schema in the module docstring), validated."""
-    from .data import _rel, data_path, load_json
+    from .data import field_fail, field_strings, load_json
 
     d = load_json(name)
-    where = _rel(data_path(str(name)))
-    qs = d.get("questions") if isinstance(d, dict) else None
-    if not isinstance(qs, list) or len(qs) < 4 or not all(isinstance(q, str) and q.strip() for q in qs):
-        raise CourseError(f"{where}: field 'questions' must be a list of at least 4 non-empty strings")
+    qs = field_strings(name, d if isinstance(d, dict) else {}, "questions", min_len=4)
     if len(set(qs)) != len(qs):
-        raise CourseError(f"{where}: field 'questions' has duplicates")
+        field_fail(name, "questions", "has duplicates")
     if not isinstance(d.get("ssr_prefix"), str):
-        raise CourseError(f"{where}: field 'ssr_prefix' must be a string")
+        field_fail(name, "ssr_prefix", "must be a string")
     return d
 
 
@@ -392,26 +389,22 @@ REFUSAL_RE = re.compile(r"\b(?:can'?t|can’t|cannot|unable to|won'?t|will not) 
 
 def load_safety(name: str = SAFETY_FILE) -> dict:
     """``data/safety.json`` (schema in the module docstring), validated."""
-    from .data import _rel, data_path, load_json
+    from .data import _rel, data_path, field_fail, field_strings, load_json
 
     d = load_json(name)
-    where = _rel(data_path(str(name)))
     if not isinstance(d, dict):
-        raise CourseError(f"{where}: must be a JSON object")
+        raise CourseError(f"{_rel(data_path(str(name)))}: must be a JSON object")
     if not isinstance(d.get("refusal"), str) or not is_refusal(d["refusal"]):
-        raise CourseError(f"{where}: field 'refusal' must be a string that is_refusal() recognises "
-                          "(e.g. \"I'm sorry, but I can't help with that.\")")
+        field_fail(name, "refusal", "must be a string that is_refusal() recognises "
+                                    "(e.g. \"I'm sorry, but I can't help with that.\")")
     for f in ("harmful_train", "harmful_eval", "benign_train", "benign_eval"):
-        v = d.get(f)
-        if not isinstance(v, list) or len(v) < 2 or not all(isinstance(q, str) and q.strip() for q in v):
-            raise CourseError(f"{where}: field '{f}' must be a list of at least 2 non-empty strings")
-        if len(set(v)) != len(v):
-            raise CourseError(f"{where}: field '{f}' has duplicates")
+        if len(set(field_strings(name, d, f, min_len=2))) != len(d[f]):
+            field_fail(name, f, "has duplicates")
     seen = set(d["harmful_train"]) | set(d["benign_train"])
     for f in ("harmful_eval", "benign_eval"):
         both = seen & set(d[f])
         if both:
-            raise CourseError(f"{where}: field '{f}' repeats a training request: {sorted(both)[0]!r}")
+            field_fail(name, f, f"repeats a training request: {sorted(both)[0]!r}")
     return d
 
 

@@ -499,33 +499,45 @@ def _tent(model, x, y=None, batch_size: int = 64, lr: float = 1e-3, steps: int =
     return torch.cat(preds).numpy()
 
 
-def _rotation_ttt(model, x, steps: int = 5, lr: float = 0.01, progress: bool = True) -> np.ndarray:
-    """Episodic rotation-prediction TTT (Sun et al.): for each single test image, fine-tune the shared
-    encoder with SGD on the rotation task over its 4 rotated copies, predict its class, reset.
-    BatchNorm keeps the source statistics (one image gives no useful batch statistics)."""
+def _per_image(model, x, params, adapt, desc: str, progress: bool) -> np.ndarray:
+    """Episodic single-input TTT: for each test image, ``adapt(image (1, 8, 8))`` updates ``params``, the
+    model predicts the image's class, and ``params`` are reset (also on an error). BatchNorm keeps the source
+    statistics (one image gives no useful batch statistics)."""
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    params = list(model.encoder.parameters())
     reset = Reset(params)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
     set_bn(model, False)
     preds = []
     try:
-        for xi in tqdm(_t(x), desc="rotation TTT", disable=not progress, leave=False):
-            xr, yr = rotations(xi.unsqueeze(0))
-            for _ in range(steps):
-                loss = F.cross_entropy(model.rotation_logits(xr), yr)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        for xi in tqdm(_t(x), desc=desc, disable=not progress, leave=False):
+            adapt(xi.unsqueeze(0))
             with torch.no_grad():
                 preds.append(int(model(xi.unsqueeze(0)).argmax()))
             reset()
     finally:
         reset()
     return np.array(preds)
+
+
+def _rotation_ttt(model, x, steps: int = 5, lr: float = 0.01, progress: bool = True) -> np.ndarray:
+    """Episodic rotation-prediction TTT (Sun et al.): for each single test image, fine-tune the shared
+    encoder with SGD on the rotation task over its 4 rotated copies, predict its class, reset."""
+    import torch
+    import torch.nn.functional as F
+
+    params = list(model.encoder.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
+
+    def adapt(x1):
+        xr, yr = rotations(x1)
+        for _ in range(steps):
+            loss = F.cross_entropy(model.rotation_logits(xr), yr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return _per_image(model, x, params, adapt, "rotation TTT", progress)
 
 
 def _suta_steps(model, params, opt, xv, steps: int, alpha: float, temperature: float) -> float:
@@ -544,22 +556,14 @@ def _suta(model, x, steps: int = 5, lr: float = 1e-3, alpha: float = 0.3, temper
     """SUTA-style single-input adaptation: for each test image, ``steps`` AdamW steps on the
     normalization layers + front end minimising ``suta_loss`` over the image's views, predict, reset."""
     import torch
-    from tqdm.auto import tqdm
 
     params = suta_params(model)
-    reset = Reset(params)
-    set_bn(model, False)
-    preds = []
-    try:
-        for xi in tqdm(_t(x), desc="SUTA", disable=not progress, leave=False):
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            _suta_steps(model, params, opt, views(xi.unsqueeze(0)), steps, alpha, temperature)
-            with torch.no_grad():
-                preds.append(int(model(xi.unsqueeze(0)).argmax()))
-            reset()
-    finally:
-        reset()
-    return np.array(preds)
+
+    def adapt(x1):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # fresh optimizer state per image
+        _suta_steps(model, params, opt, views(x1), steps, alpha, temperature)
+
+    return _per_image(model, x, params, adapt, "SUTA", progress)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from coursekit import CourseError
 from coursekit import forgetting as fg
+from coursekit.data import data_path
 
 
 def test_dpo_loss_known_values():
@@ -81,7 +82,7 @@ def _write(tmp_path, name, obj):
 
 
 def test_bad_probe_file_one_line(tmp_path):
-    good = json.loads(open(fg.data_path(fg.PROBES_FILE), encoding="utf-8").read())
+    good = json.loads(open(data_path(fg.PROBES_FILE), encoding="utf-8").read())
     bad = dict(good, who_heldout="Who is it?")
     with pytest.raises(CourseError, match="who_heldout") as e:
         fg.load_probes(_write(tmp_path, "p.json", bad))
@@ -92,7 +93,7 @@ def test_bad_probe_file_one_line(tmp_path):
 
 
 def test_bad_skills_file_one_line(tmp_path):
-    good = json.loads(open(fg.data_path(fg.SKILLS_FILE), encoding="utf-8").read())
+    good = json.loads(open(data_path(fg.SKILLS_FILE), encoding="utf-8").read())
     bad = dict(good, task_eval=[{"text": "Hi", "label": "bored"}])
     with pytest.raises(CourseError, match=r"task_eval\[0\]\.label"):
         fg.load_skills(_write(tmp_path, "s.json", bad))
