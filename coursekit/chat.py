@@ -27,12 +27,10 @@ def _batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
         yield i, items[i : i + size]
 
 
-def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
-             progress: bool | str = False) -> list[str]:
-    """Greedy continuations of fully formatted prompts, batched with left padding.
-
-    Returns only the new text, stopped at the end-of-turn token.
-    """
+def generate_ids(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
+                 progress: bool | str = False) -> list[list[int]]:
+    """Greedy continuations of fully formatted prompts as token ids, batched with left padding; each is
+    cut after its first end-of-turn token (kept: stopping is part of the answer)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -40,7 +38,7 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch
         prompts = [prompts]
     old_side = tok.padding_side
     tok.padding_side = "left"
-    outs: list[str] = []
+    outs: list[list[int]] = []
     device = next(model.parameters()).device
     it = _batches(list(prompts), batch_size)
     if progress:
@@ -52,11 +50,20 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                      temperature=None, top_p=None, top_k=None)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                outs.append(row[:cut])
     finally:
         tok.padding_side = old_side
     return outs
+
+
+def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
+             progress: bool | str = False) -> list[str]:
+    """Greedy continuations of fully formatted prompts (:func:`generate_ids`), as text without the
+    end-of-turn token, stripped."""
+    ids = generate_ids(model, tok, prompts, max_new_tokens, batch_size, progress)
+    return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
 
 def chat(model, tok, questions, system: str | None = None, max_new_tokens: int = 48,

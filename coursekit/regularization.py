@@ -27,7 +27,6 @@ raises a one-line :class:`CourseError`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -40,7 +39,6 @@ from .evaluate import score_targets
 
 METHODS = ("full", "lora")
 REGS = (None, "l2sp", "ewc")
-CACHE_VERSION = "v1"
 
 
 # ------------------------------------------------------------------ the two scores
@@ -337,40 +335,24 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
 # ------------------------------------------------------------------ precomputed runs for the widget
 
 class RunCache:
-    """Finished runs as one JSON file in the course cache, keyed by a hash of everything that decides the
-    result (configuration, steps, data, model). ``cache.get_or_run(key_parts, fn)`` returns the stored run
-    or runs ``fn()`` and stores it. Runs are deterministic (fixed seed, greedy, CPU), so a stored run is
-    what a fresh run would give."""
+    """Finished runs in the course cache (:mod:`coursekit.cache`), one JSON entry per run, keyed by
+    everything that decides it: ``parts`` (configuration, steps, data), the source of this module, of the
+    fine-tuning loop and of ``fn``, the library versions and the starting ``weights`` (fingerprinted once,
+    here). ``cache.get_or_run(parts, fn)`` returns the stored run or runs ``fn()`` and stores it."""
 
-    def __init__(self, name: str = "runs"):
-        from .models import cache_dir
+    def __init__(self, name: str = "runs", weights=None):
+        from .cache import fingerprint
 
         if not name or "/" in name or name.startswith("."):
             raise CourseError(f"RunCache name must be a plain file name (got {name!r})")
-        self.path = cache_dir() / "regularization" / f"{name}.json"
-        self.runs: dict = {}
-        if self.path.exists():
-            try:
-                self.runs = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                self.runs = {}  # a broken cache is just recomputed
-
-    @staticmethod
-    def key(*parts) -> str:
-        return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.name = name
+        self.weights = fingerprint(weights) if weights is not None else None
 
     def get_or_run(self, parts, fn: Callable[[], dict]) -> dict:
-        k = self.key(*parts)
-        if k not in self.runs:
-            self.runs[k] = fn()
-            self.save()
-        return self.runs[k]
+        from . import cache, finetune
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.runs))
-        tmp.replace(self.path)
+        return cache.json(f"regularization/{self.name}", list(parts), fn, code=[finetune, RunCache, fn],
+                          weights=self.weights)
 
 
 # ------------------------------------------------------------------ statistics

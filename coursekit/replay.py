@@ -21,8 +21,9 @@ Every function here makes one kind of replay data, so students can reuse it on t
   tokens above a threshold (2.5 in the paper) are left out of the loss (:func:`token_ppl`,
   :func:`mask_by_ppl`; ``coursekit.finetune`` reads the per-completion-token ``"mask"``).
 
-Generated data is cached as JSON in ``ck.models.cache_dir()/replay`` under a hash of everything that
-decides it (:func:`cached`), and regenerated deterministically (fixed seed, greedy answers) when missing.
+Generated data is cached as JSON in the course cache under a hash of everything that decides it
+(:func:`cached`, :mod:`coursekit.cache`), and regenerated deterministically (fixed seed, greedy answers)
+when missing.
 
 Learning is measured format-free (:func:`task_accuracy_generated`: the first emotion word in a short
 greedy answer is the gold one), so a model trained on its own wordier answers is not penalised.
@@ -39,7 +40,6 @@ Data files (validated on load, one-line :class:`CourseError` naming file and fie
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -50,7 +50,6 @@ from .errors import CourseError
 
 REPLAY_FILE = "replay_questions.json"
 SAFETY_FILE = "safety.json"
-CACHE_VERSION = "v1"
 PLACEHOLDER = "\uE000QUESTION\uE000"
 
 
@@ -71,38 +70,15 @@ def load_replay_questions(name: str = REPLAY_FILE) -> dict:
 
 # ------------------------------------------------------------------ cache
 
-def cache_key(*parts) -> str:
-    """A short hash of everything that decides a generated set."""
-    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cached(name: str, parts, fn: Callable[[], list | dict]):
-    """Return the JSON stored as ``cache_dir()/replay/<name>-<key>.json`` or compute ``fn()`` and store it."""
-    from .models import cache_dir
+def cached(name: str, parts, fn: Callable[[], list | dict], weights=None):
+    """Generated data (JSON) from the course cache (:mod:`coursekit.cache`), or ``fn()`` stored there,
+    keyed by ``parts`` (everything that decides the set), the source of this module and of ``fn``, the
+    library versions and ``weights`` (the model that generates it: full fingerprint)."""
+    from . import cache
 
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise CourseError(f"cached(): name must be a plain file name (got {name!r})")
-    path = cache_dir() / "replay" / f"{name}-{cache_key(*parts)}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass  # a broken cache file is regenerated
-    out = fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, ensure_ascii=False, indent=1))
-    tmp.replace(path)
-    return out
-
-
-def model_id(model) -> str:
-    """What identifies the weights in a cache key: name, depth and a checksum of a few tensors."""
-    import torch
-
-    with torch.no_grad():
-        s = sum(float(p.double().sum()) for _, p in list(model.named_parameters())[-3:])
-    return f"{model.config.name_or_path.rsplit('/', 1)[-1]}-{model.config.num_hidden_layers}-{s:.6e}"
+    return cache.json(f"replay/{name}", list(parts), fn, code=[cached, fn], weights=weights)
 
 
 # ------------------------------------------------------------------ experience replay: mixing
@@ -435,11 +411,10 @@ def safety_stage(model, tok, safety: dict, steps: int = 40, lr: float = 1e-3, r:
     refuse everything). Returns ``(model, history, benign_pairs)``."""
     from .forgetting import lora_stage
 
-    start = model_id(model)
-    benign = cached("safety-benign", [start, safety["benign_train"], max_new_tokens],
-                    lambda: pseudo_replay(model, tok, safety["benign_train"], max_new_tokens))
+    benign = cached("safety-benign", [safety["benign_train"], max_new_tokens],
+                    lambda: pseudo_replay(model, tok, safety["benign_train"], max_new_tokens), weights=model)
     examples = safety_examples(tok, safety) + as_examples(tok, benign)
     model, history = lora_stage(model, tok, examples, "safety",
-                                [start, safety["refusal"], safety["harmful_train"], benign],
+                                [safety["refusal"], safety["harmful_train"], benign],
                                 steps, lr, r, batch_size, cache, progress)
     return model, history, benign

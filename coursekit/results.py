@@ -33,14 +33,22 @@ def _clean(v, ndigits: int):
     return round(f, ndigits)
 
 
-def record(notebook: str, metrics: dict, ndigits: int = 3) -> None:
-    """Print the notebook's headline numbers as one ``COURSEKIT_RESULT`` line and return them."""
+def record(notebook: str, metrics: dict, ndigits: int = 3, claims=()) -> None:
+    """Print the notebook's headline numbers as one ``COURSEKIT_RESULT`` line.
+
+    ``claims``: the notebook's :class:`coursekit.evidence.Claim` objects; they are carried under
+    ``"claims"`` (estimate, interval, seeds, items, direction, verdict) for the claims ledger."""
+    from .evidence import Claim
+
     if not isinstance(metrics, dict) or not metrics:
         raise CourseError("record() needs a non-empty dict of metrics")
+    if not all(isinstance(c, Claim) for c in claims):
+        raise CourseError("record(): claims must be Claim objects (from ck.evidence.claim)")
     payload = {
         "notebook": notebook,
         "profile": get_profile().name,
         "metrics": {str(k): _clean(v, ndigits) for k, v in metrics.items()},
+        "claims": [c.to_dict() for c in claims],
     }
     print(MARK + json.dumps(payload, ensure_ascii=False))
 

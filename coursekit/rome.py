@@ -31,7 +31,6 @@ Data file ``data/counterfact.jsonl`` (one JSON object per line, ``//`` comments 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -305,22 +304,21 @@ _PREFIX_SEEDS = ["The", "Therefore", "Because", "I", "You", "However", "In the",
 def context_prefixes(model, tok, n: int = 20, length: int = 8, cache: bool = True) -> list[str]:
     """``n`` short texts the model generates itself (greedy, from varied first words), used as the
     random contexts of k* and v* ("{prefix}. {prompt}"). Cached in the course cache."""
+    from . import cache as course_cache
     from .chat import generate
-    from .models import cache_dir
 
     if not 0 <= n <= len(_PREFIX_SEEDS):
         raise CourseError(f"context_prefixes(): n must be in [0, {len(_PREFIX_SEEDS)}] (got {n})")
-    path = cache_dir() / "rome" / f"prefixes_n{n}_len{length}.json"
-    if cache and path.exists():
-        return json.loads(path.read_text())
-    seeds = _PREFIX_SEEDS[:n]
-    outs = generate(model, tok, seeds, max_new_tokens=length, batch_size=max(1, n))
-    texts = [(s + " " + o).replace("\n", " ").strip().rstrip(".") for s, o in zip(seeds, outs)]
-    texts = [" ".join(t.split()) for t in texts]
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(texts))
-    return texts
+
+    def make() -> list[str]:
+        seeds = _PREFIX_SEEDS[:n]
+        outs = generate(model, tok, seeds, max_new_tokens=length, batch_size=max(1, n))
+        texts = [(s + " " + o).replace("\n", " ").strip().rstrip(".") for s, o in zip(seeds, outs)]
+        return [" ".join(t.split()) for t in texts]
+
+    if not cache:
+        return make()
+    return course_cache.json("rome/prefixes", {"n": n, "length": length}, make, code=[generate], weights=model)
 
 
 def _contexts(prompt: str, prefixes: Sequence[str]) -> list[str]:
@@ -447,15 +445,11 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
     return VResult(v=(v_init + d), v_init=v_init, delta_norm=float(d.norm()), steps=step, history=history)
 
 
-def _texts_hash(texts: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
-
-
 def generic_texts(model, tok, n: int = 48, length: int = 64, cache: bool = True) -> list[str]:
     """Generic text for the covariance statistics, made offline by the model itself: greedy
     continuations of ``n`` varied, topic-free openings. Cached in the course cache."""
+    from . import cache as course_cache
     from .chat import generate
-    from .models import cache_dir
 
     openings = ["The history of", "In the morning,", "Scientists have found that", "My favourite recipe",
                 "The city council", "A good way to learn", "The weather today", "When the war ended,",
@@ -472,15 +466,14 @@ def generic_texts(model, tok, n: int = 48, length: int = 64, cache: bool = True)
                 "The painting", "The army", "Coffee"]
     if not 1 <= n <= len(openings):
         raise CourseError(f"generic_texts(): n must be in [1, {len(openings)}] (got {n})")
-    path = cache_dir() / "rome" / f"generic_n{n}_len{length}.json"
-    if cache and path.exists():
-        return json.loads(path.read_text())
-    outs = generate(model, tok, openings[:n], max_new_tokens=length, batch_size=16, progress="generic text")
-    texts = [f"{o} {t}".strip() for o, t in zip(openings[:n], outs)]
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(texts, ensure_ascii=False))
-    return texts
+
+    def make() -> list[str]:
+        outs = generate(model, tok, openings[:n], max_new_tokens=length, batch_size=16, progress="generic text")
+        return [f"{o} {t}".strip() for o, t in zip(openings[:n], outs)]
+
+    if not cache:
+        return make()
+    return course_cache.json("rome/generic", {"n": n, "length": length}, make, code=[generate], weights=model)
 
 
 def layer_stats(model, tok, layer: int, texts: Sequence[str], batch_size: int = 8, cache: bool = True):
@@ -488,41 +481,36 @@ def layer_stats(model, tok, layer: int, texts: Sequence[str], batch_size: int = 
     of ``texts``. Cached (safetensors) in the course cache, keyed by layer and the texts' hash.
     Returns ``(C, n_tokens)``."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from .models import cache_dir
+    from . import cache as course_cache
 
     if not texts:
         raise CourseError("layer_stats() needs some text")
     down = _down_proj(model, layer)
-    path = cache_dir() / "rome" / f"cov_L{layer}_{_texts_hash(list(texts))}.safetensors"
-    if cache and path.exists():
-        d = load_file(str(path))
-        return d["C"], int(d["n"].item())
-    d_in = down.in_features
-    S = torch.zeros(d_in, d_in, dtype=torch.float64)
-    n = 0
-    cur = {}
-    h = down.register_forward_pre_hook(lambda m, inp: cur.__setitem__("k", inp[0].detach()))
-    dev = next(model.parameters()).device
-    try:
-        for s in range(0, len(texts), batch_size):
-            seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
-            ids, att = _pad(tok, seqs)
-            with torch.no_grad():
-                model(input_ids=ids.to(dev), attention_mask=att.to(dev))
-            k = cur["k"][att.bool().to(dev)].double().cpu()
-            S += k.T @ k
-            n += k.shape[0]
-    finally:
-        h.remove()
-    C = (S / n).float()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"C": C.contiguous(), "n": torch.tensor([n])}, str(tmp))
-        tmp.replace(path)
-    return C, n
+
+    def make() -> dict:
+        d_in = down.in_features
+        S = torch.zeros(d_in, d_in, dtype=torch.float64)
+        n = 0
+        cur = {}
+        h = down.register_forward_pre_hook(lambda m, inp: cur.__setitem__("k", inp[0].detach()))
+        dev = next(model.parameters()).device
+        try:
+            for s in range(0, len(texts), batch_size):
+                seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
+                ids, att = _pad(tok, seqs)
+                with torch.no_grad():
+                    model(input_ids=ids.to(dev), attention_mask=att.to(dev))
+                k = cur["k"][att.bool().to(dev)].double().cpu()
+                S += k.T @ k
+                n += k.shape[0]
+        finally:
+            h.remove()
+        return {"C": (S / n).float(), "n": torch.tensor([n])}
+
+    d = (course_cache.tensors("rome/cov", {"layer": layer, "texts": list(texts), "batch_size": batch_size}, make,
+                              weights=model) if cache else make())
+    return d["C"], int(d["n"].item())
 
 
 # ------------------------------------------------------------------------------ the rank-one update

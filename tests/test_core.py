@@ -193,7 +193,9 @@ def test_harness_locality_is_one_against_itself(tiny):
 
 
 def test_harness_learns_edit_after_training(tiny):
-    """Fine-tune the tiny model on one edit: its reliability must rise to 1."""
+    """Fine-tune the tiny model on one edit until its loss is far below log 2 per token (every target token
+    then has p > 0.5, so it is the argmax): its reliability must rise to 1. Trained to a margin, not to the
+    edge, so another CPU's kernels or thread count cannot flip a token (#13: 40 steps left it at 0.667)."""
     model, tok = tiny
     edits = [e for e in data.load_edits() if e["id"] == "space_needle"]
     H = evaluate.EditHarness(tok, edits)
@@ -201,9 +203,10 @@ def test_harness_learns_edit_after_training(tiny):
     prompt = ck.chat.chat_prompt(tok, e["question"], prefix=e["prefix"])
     ex = [{"prompt": prompt, "completion": e["target_new"]}]
     before = H.evaluate(model).summary["reliability"]
-    model, hist = finetune.train(model, tok, ex, steps=40, lr=3e-2, batch_size=1, progress=False)
+    model, hist = finetune.train(model, tok, ex, steps=100, lr=3e-2, batch_size=1, progress=False)
     after = H.evaluate(model).summary["reliability"]
-    assert hist[-1]["loss"] < hist[0]["loss"] and after == 1.0 and before < 1.0
+    assert hist[-1]["loss"] < 0.1 < hist[0]["loss"], [round(h["loss"], 3) for h in hist[::10]]
+    assert after == 1.0 and before < 1.0
 
 
 def test_forgetting_helpers():

@@ -65,8 +65,8 @@ def test_vector_and_folder_round_trip(tiny, tmp_cache):
     state = M.load_state(folder)
     assert M.max_abs_diff(state, M.merged_state(base, tau)) == 0.0
     calls = []
-    again = M.cached_vector("t", lambda: calls.append(1) or tau, {"a": 1})
-    again = M.cached_vector("t", lambda: calls.append(1) or tau, {"a": 1})
+    again = M.cached_vector("t", lambda: calls.append(1) or tau, {"a": 1}, weights=base)
+    again = M.cached_vector("t", lambda: calls.append(1) or tau, {"a": 1}, weights=base)
     assert calls == [1] and again.norm() == pytest.approx(tau.norm())
 
 
