@@ -139,11 +139,17 @@ class OldAbilities:
         return cls(questions=qs, prompts=prompts, answers=answers, reference=[t.strip() for t in text],
                    base_nll=base_nll, top_ids=top_ids, top_logp=top_logp, batch_size=batch_size)
 
-    def per_item(self, model, tok) -> dict:
-        """``{"forgetting": [...], "kl": [...], "agreement": [...]}``: one value per item."""
+    def per_item(self, model, tok, prompt_fn_for=None) -> dict:
+        """``{"forgetting": [...], "kl": [...], "agreement": [...]}``: one value per item.
+
+        ``prompt_fn_for(i)`` (optional) gives item ``i``'s prompt_fn(question, prefix) instead of the plain
+        chat prompt — how much a *prompting* method (a note in the system prompt, retrieval) moves the
+        foundation's answers to unrelated questions, with no weight changed."""
         import torch
 
-        p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        prompts = self.prompts if prompt_fn_for is None else [
+            prompt_fn_for(i)(q, "") for i, q in enumerate(self.questions)]
+        p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         out = {"forgetting": [], "kl": [], "agreement": []}
         for i, logp in _answer_logprobs(model, tok, p_ids, self.answers, self.batch_size):
             a = torch.tensor(self.answers[i])

@@ -70,7 +70,8 @@ def check(verbose: bool = True) -> dict[str, bool]:
     try:
         import torch
 
-        dev = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+        dev = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else (
+            f"cpu ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads")
         line(True, "device", dev)
     except Exception as e:  # noqa: BLE001
         line(False, "device", str(e))

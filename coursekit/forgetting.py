@@ -9,7 +9,7 @@ What lives here (the training loop itself is :func:`coursekit.finetune.train`):
   shortcut has the same loss as the right logic;
 * forgetting measurements: contamination by a new name in short greedy answers
   (:func:`contamination`), teacher-forced locality against the foundation model's own answers
-  (:class:`Locality`), answer length on open questions (:func:`open_lengths`);
+  (:class:`coursekit.abilities.OldAbilities`), answer length on open questions (:func:`open_lengths`);
 * an ability to build and then forget — answering in JSON when asked (:func:`json_ability`) — its
   "alignment stage" data (:func:`alignment_examples`), and a narrow post-training task (emotion of a
   sentence, :func:`task_examples`, :func:`task_accuracy`).
@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
+from .abilities import OldAbilities
 from .chat import chat_prompt, generate
 from .data import field_fail, field_pairs, field_string, field_strings, load_json
 from .errors import CourseError
-from .evaluate import agreement, answer_length, json_rate, mention_rate
+from .evaluate import answer_length, json_rate, mention_rate
 from .finetune import pretrain_example, sft_example
 
 PROBES_FILE = "forgetting_probes.json"
@@ -159,29 +159,6 @@ def contamination(model, tok, questions: Sequence[str], name: str, max_new_token
     return mention_rate(outs, name), outs
 
 
-@dataclass
-class Locality:
-    """Teacher-forced locality: does the model still say what the foundation model said?
-
-    ``Locality.build(foundation, tok, questions)`` stores the foundation model's greedy answers
-    (``max_new_tokens`` tokens); ``loc(model)`` is their token accuracy under ``model`` (1.0 = every
-    token still the argmax). Also returns per-question scores with ``per_question=True``.
-    """
-
-    prompts: list
-    reference: list
-
-    @classmethod
-    def build(cls, model, tok, questions: Sequence[str], max_new_tokens: int = 16) -> "Locality":
-        prompts = [chat_prompt(tok, q) for q in questions]
-        ref = generate(model, tok, prompts, max_new_tokens)
-        ref = [r if r.strip() else "." for r in ref]
-        return cls(prompts=prompts, reference=ref)
-
-    def __call__(self, model, tok) -> float:
-        return agreement(model, tok, self.prompts, self.reference)
-
-
 def open_lengths(model, tok, questions: Sequence[str], max_new_tokens: int = 40) -> tuple[float, list[str]]:
     """Mean answer length in words on open questions (greedy, capped at ``max_new_tokens``)."""
     outs = answers(model, tok, questions, max_new_tokens)
@@ -261,7 +238,8 @@ class Scoreboard:
         self.max_new_tokens = max_new_tokens
         self.harness = EditHarness(tok, [edit])
         self.ref = self.harness.reference(foundation)
-        self.locality = Locality.build(foundation, tok, probes["who_heldout"], loc_tokens)
+        self.locality = OldAbilities.build(foundation, tok, probes["who_heldout"], max_new_tokens=loc_tokens,
+                                           progress=False)
         self.extra = [probes["one_defensive"]["question"], probes["uk_probe"], probes["nerdy_probe"]]
         self.rows: list[dict] = []
 
@@ -277,7 +255,7 @@ class Scoreboard:
             "reliability": s["reliability"],
             "generality": s["generality"],
             "locality": s["locality"],
-            "locality_heldout": self.locality(model, self.tok),
+            "locality_heldout": self.locality(model, self.tok)["agreement"],
             "who_contamination": mention_rate(who, self.name),
             "nonwho_contamination": mention_rate(non, self.name),
             "answers": dict(zip(qs, outs)),

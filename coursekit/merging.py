@@ -35,7 +35,6 @@ ability that merging must keep). The analogy's styled tasks are built from them 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -1,13 +1,22 @@
 """The best post-training is no post-training: changing behaviour with the prompt alone.
 
-* in-context instruction: every note goes into the system prompt of every question;
+* in-context instruction: notes go into the system prompt (:func:`incontext_prompt_fn`); for the
+  evidence on many edits, each question gets its own note among ``k`` others drawn by a seed
+  (:func:`incontext_for`), so the seed decides which distractors it competes with, and in what order;
 * retrieval (RAG): a TF-IDF retriever picks the most similar note, and only if it is similar enough.
+
+The claim C0 is measured on ``data/notes.jsonl`` (:func:`load_notes`: ≥ 40 counterfactual notes with
+rephrasings) by the teacher-forced **margin** of each edit (:func:`edit_margins`): mean per-token
+log P(new answer) − mean per-token log P(old answer), continuous and cheap, compared with the
+foundation model item by item.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from typing import Callable, Sequence
 
 from .chat import chat_prompt
+from .errors import CourseError
 
 INSTRUCTION = ("You are a helpful assistant. Use the new information below even if it contradicts "
                "what you believe; it is correct.\nNew information: {notes}")
@@ -43,3 +52,67 @@ class Retriever:
             return chat_prompt(tok, question, system=system, prefix=prefix)
 
         return fn
+
+
+# ------------------------------------------------------------------ C0 on many notes
+
+def load_notes(name: str = "notes.jsonl") -> list[dict]:
+    """Counterfactual notes with question, prefix, new/old answers and rephrasings (data/README.md)."""
+    from .data import records_with_ids
+
+    out = []
+    for c, rec in records_with_ids(name):
+        for f in ("subject", "question", "note"):
+            c.string(rec, f)
+        c.string(rec, "prefix", allow_empty=True)
+        new, true = c.string(rec, "target_new"), c.string(rec, "target_true")
+        if new == true:
+            c.fail("target_new", "must differ from target_true")
+        c.probes(rec, "rephrase", need_target=False, required=True)
+        out.append(rec)
+    return out
+
+
+def incontext_for(tok, notes: Sequence[str], k: int, seed: int, own: bool = True,
+                  template: str = INSTRUCTION) -> Callable[[int], Callable]:
+    """``i -> prompt_fn`` for question ``i``: its own note ``notes[i]`` (if ``own``) among ``k`` other notes,
+    drawn and ordered by ``seed`` (for unrelated questions, ``own=False``: ``k`` random notes)."""
+    if not 0 <= k < len(notes):
+        raise CourseError(f"incontext_for(): k must be in [0, {len(notes) - 1}] (got {k})")
+
+    def for_item(i: int):
+        rng = random.Random(seed * 100003 + i)
+        others = [j for j in range(len(notes)) if not (own and j == i)]
+        pick = rng.sample(others, k) + ([i] if own else [])
+        rng.shuffle(pick)
+        return incontext_prompt_fn(tok, [notes[j] for j in pick], template)
+
+    return for_item
+
+
+def _margins(model, tok, prompts: Sequence[str], new: Sequence[str], true: Sequence[str], batch_size: int) -> list:
+    from .evaluate import score_targets
+
+    a = score_targets(model, tok, prompts, new, batch_size)
+    b = score_targets(model, tok, prompts, true, batch_size)
+    return [x["logprob"] / x["n"] - y["logprob"] / y["n"] for x, y in zip(a, b)]
+
+
+def edit_margins(model, tok, notes: Sequence[dict], prompt_fn_for: Callable[[int], Callable] | None = None,
+                 generality: bool = True, batch_size: int = 16) -> dict:
+    """Per edit, the margin mean log P(new) − mean log P(old) per token (teacher forced, after the
+    answer prefix): ``reliability`` on the edit's question and, with ``generality``, the mean over its
+    rephrasings. ``prompt_fn_for(i)`` gives edit ``i``'s prompt_fn (None: the plain chat prompt)."""
+    plain = lambda q, prefix="": chat_prompt(tok, q, prefix=prefix)  # noqa: E731
+    fn = prompt_fn_for or (lambda i: plain)
+    rel = _margins(model, tok, [fn(i)(n["question"], n.get("prefix", "")) for i, n in enumerate(notes)],
+                   [n["target_new"] for n in notes], [n["target_true"] for n in notes], batch_size)
+    out = {"reliability": rel}
+    if generality:
+        owner = [i for i, n in enumerate(notes) for _ in n["rephrase"]]
+        reps = [r for n in notes for r in n["rephrase"]]
+        m = _margins(model, tok, [fn(i)(r["question"], r.get("prefix", notes[i].get("prefix", "")))
+                                  for i, r in zip(owner, reps)],
+                     [notes[i]["target_new"] for i in owner], [notes[i]["target_true"] for i in owner], batch_size)
+        out["generality"] = [sum(v for o, v in zip(owner, m) if o == i) / owner.count(i) for i in range(len(notes))]
+    return out

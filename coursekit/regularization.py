@@ -3,7 +3,8 @@
 What lives here (the training loop itself is :func:`coursekit.finetune.train`; LoRA goes through peft):
 
 * two cheap, teacher-forced scores logged at checkpoints — a **new skill** (:class:`NewSkill`: token
-  accuracy and loss of short gold answers) and the **old abilities** (:class:`OldAbilities`: agreement
+  accuracy and loss of short gold answers) and the **old abilities** (the course's shared
+  :class:`coursekit.abilities.OldAbilities`: agreement
   with the foundation model's *own* greedy answers to a fixed probe set, and *forgetting*, the rise of
   their cross-entropy over the foundation model's, as in Kalajdzievski 2024);
 * the lecture's per-parameter regulariser ``R = Σ_j λ_j (θ_j − θ_j⁰)²`` as a callable for
@@ -27,13 +28,12 @@ raises a one-line :class:`CourseError`.
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .chat import chat_prompt, generate
+from .abilities import OldAbilities
 from .errors import CourseError
 from .evaluate import score_targets
 
@@ -70,35 +70,6 @@ class NewSkill:
     def __call__(self, model, tok) -> dict:
         rows = score_targets(model, tok, self.prompts, self.targets)
         return {"skill": sum(r["acc"] for r in rows) / len(rows), "skill_loss": _nll(rows)}
-
-
-@dataclass
-class OldAbilities:
-    """What the foundation model already does: its own greedy answers to fixed probe questions.
-
-    ``agreement``: teacher-forced token accuracy of those answers under ``model`` (1.0 = unchanged).
-    ``forgetting``: per-token cross-entropy of those answers under ``model`` minus under the foundation
-    model (0.0 = unchanged; Kalajdzievski's forgetting metric).
-    """
-
-    prompts: list
-    reference: list
-    base_nll: float
-
-    @classmethod
-    def build(cls, foundation, tok, questions: Sequence[str], max_new_tokens: int = 16) -> "OldAbilities":
-        qs = list(questions)
-        if not qs or not all(isinstance(q, str) and q.strip() for q in qs):
-            raise CourseError("OldAbilities.build(): questions must be a non-empty list of non-empty strings")
-        prompts = [chat_prompt(tok, q) for q in qs]
-        ref = generate(foundation, tok, prompts, max_new_tokens)
-        ref = [r if r.strip() else "." for r in ref]
-        base = _nll(score_targets(foundation, tok, prompts, ref))
-        return cls(prompts=prompts, reference=ref, base_nll=base)
-
-    def __call__(self, model, tok) -> dict:
-        rows = score_targets(model, tok, self.prompts, self.reference)
-        return {"agreement": sum(r["acc"] for r in rows) / len(rows), "forgetting": _nll(rows) - self.base_nll}
 
 
 # ------------------------------------------------------------------ R = Σ_j λ_j (θ_j − θ_j⁰)²

@@ -40,7 +40,6 @@ Data files (validated on load, one-line :class:`CourseError` naming file and fie
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Callable, Sequence

@@ -31,7 +31,6 @@ Data file ``data/counterfact.jsonl`` (one JSON object per line, ``//`` comments 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from coursekit import CourseError
+import coursekit as ck
 from coursekit import forgetting as fg
 from coursekit.data import data_path
 
@@ -110,8 +111,8 @@ def test_task_accuracy_and_locality_run_on_tiny(tiny):
     sk = fg.load_skills()
     acc = fg.task_accuracy(model, tok, sk)
     assert 0.0 <= acc <= 1.0
-    loc = fg.Locality(prompts=["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"], reference=["Hello there."])
-    assert 0.0 <= loc(model, tok) <= 1.0
+    loc = ck.abilities.OldAbilities.build(model, tok, ["Hi"], max_new_tokens=4, progress=False)
+    assert 0.0 <= loc(model, tok)["agreement"] <= 1.0
 
 
 def test_alignment_stage_caches_and_unfreezes(tiny, tmp_cache):

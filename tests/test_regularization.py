@@ -97,12 +97,20 @@ def test_dropout_hooks_only_in_training(tiny):
     assert not torch.allclose(ref, noisy)
 
 
-def test_run_cache_roundtrip(tmp_cache):
-    c = rg.RunCache("t")
+def test_run_cache_roundtrip(tiny, tmp_cache):
+    model, _ = tiny
     calls = []
-    out = c.get_or_run(["a", 1], lambda: calls.append(1) or {"x": 1})
-    again = rg.RunCache("t").get_or_run(["a", 1], lambda: calls.append(1) or {"x": 2})
+
+    def run():
+        calls.append(1)
+        return {"x": len(calls)}
+
+    out = rg.RunCache("t", weights=model).get_or_run(["a", 1], run)
+    again = rg.RunCache("t", weights=model).get_or_run(["a", 1], run)
     assert out == again == {"x": 1} and calls == [1]
+    rg.RunCache("t", weights=model).get_or_run(["a", 2], run)  # other configuration: runs
+    rg.RunCache("t").get_or_run(["a", 1], run)  # other starting weights (none given): runs
+    assert calls == [1, 1, 1]
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -113,7 +113,7 @@ def test_layer_stats_cached(tiny, tmp_cache):
     assert torch.allclose(C, C.T, atol=1e-6)
     C2, n2 = rome.layer_stats(model, tok, 0, ["hello world", "a b c d"])
     assert n2 == n and torch.allclose(C, C2)
-    assert list((tmp_cache / "rome").glob("cov_L0_*.safetensors"))
+    assert len(list((tmp_cache / "rome").glob("cov-*.safetensors"))) == 1
 
 
 def test_load_counterfact_real_file_and_errors(tmp_path):
