@@ -1,7 +1,9 @@
-"""Exercises: the checks pass on the solutions and fail, with a clear message, on the student blanks.
+"""Exercises: the checks (and the hidden tests) pass on the solutions and fail on the student blanks; the
+notebooks carry the nbgrader conventions; student versions show no answer pointer and no internal wording.
 
-Runs every exercise found in notebooks/ (nbgrader markers), so a notebook change that breaks an
-exercise fails CI. Also checks that each check *diagnoses* the usual mistakes in one line.
+Runs every exercise found in notebooks/ (nbgrader markers), on the notebooks as `sync` makes them, so a
+notebook change that breaks an exercise fails CI. Also checks that each check *diagnoses* the usual
+mistakes in one line. The end-to-end nbgrader pipeline is in test_grading.py.
 """
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from coursekit import assignments
 from coursekit.checks import CheckFailed
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+NOTEBOOKS = assignments.course_notebooks(ROOT / "notebooks")
+
+
+def _synced(path: Path) -> dict:
+    return assignments.sync_notebook(json.loads(path.read_text()), path.name, ck.REPO)[0]
 
 
 def _cases():
     for p in NOTEBOOKS:
-        nb = json.loads(p.read_text())
-        for e in assignments.exercises(nb, p.name):
+        for e in assignments.exercises(_synced(p), p.name):
             yield pytest.param(p, e, id=f"{p.stem}:{e['id']}")
 
 
@@ -31,18 +36,29 @@ def _run(cell_src: str, check_src: str):
     exec(compile(check_src, "<check>", "exec"), ns)
 
 
+def _check_only(src: str) -> str:
+    return "\n".join(ln for ln in src.splitlines() if "ck.checks.check_" in ln)
+
+
 @pytest.mark.parametrize("path,ex", list(_cases()))
-def test_check_passes_on_solution_and_fails_on_student_version(path, ex, capsys):
-    nb = json.loads(path.read_text())
+def test_check_and_hidden_tests_pass_on_solution_and_fail_on_student_version(path, ex, capsys):
+    nb = _synced(path)
     src = assignments._src(nb["cells"][ex["cell"]])
-    check = "\n".join(l for l in assignments._src(nb["cells"][ex["check_cell"]]).splitlines() if "ck.checks.check_" in l)
-    _run(src, check)
+    check_cell = assignments._src(nb["cells"][ex["check_cell"]])
+    assert assignments.HIDDEN_BEGIN in check_cell, "sync puts hidden tests into every check cell"
+    _run(src, check_cell)  # the visible check and the hidden tests, as nbgrader runs them
     assert "✓" in capsys.readouterr().out
-    student = assignments.student_version(nb, path.name)
+    student = assignments.student_version(json.loads(path.read_text()), path.name)
     ssrc = assignments._src(student["cells"][ex["cell"]])
     assert "### BEGIN SOLUTION" not in ssrc and "NotImplementedError" in ssrc
+    scheck = assignments._src(student["cells"][ex["check_cell"]])
+    assert "HIDDEN" not in scheck and "ck.checks.check_" in scheck
     with pytest.raises(CheckFailed, match="not implemented yet"):
-        _run(ssrc, check)
+        _run(ssrc, scheck)
+    # the hidden tests alone also reject the blank (a student who replaced ck.checks.check_* gains nothing)
+    hidden = assignments.hidden_block(ex["check"])
+    with pytest.raises(NotImplementedError):
+        _run(ssrc, hidden)
 
 
 def test_topic_notebooks_have_at_least_two_exercises():
@@ -53,14 +69,58 @@ def test_topic_notebooks_have_at_least_two_exercises():
         assert n >= 2, f"{p.name} has {n} exercises (need >= 2)"
 
 
-def test_build_writes_student_and_solution(tmp_path):
-    rows = assignments.build(ROOT / "notebooks", tmp_path)
-    assert rows, "no exercises found"
-    for r in rows:
-        s = json.loads((tmp_path / "student" / r["notebook"]).read_text())
-        assert all(not c.get("outputs") for c in s["cells"] if c["cell_type"] == "code")
-        assert "### BEGIN SOLUTION" not in json.dumps(s)
-    assert "| tier |" in (tmp_path / "README.md").read_text()
+def test_every_check_has_hidden_tests_and_sync_has_nothing_left_to_do_by_hand():
+    for p in NOTEBOOKS:
+        _, _, todo = assignments.sync_notebook(json.loads(p.read_text()), p.name, ck.REPO)
+        assert not todo, f"{p.name}: {todo}"
+
+
+def test_sync_is_idempotent_and_sets_nbgrader_metadata():
+    for p in NOTEBOOKS:
+        nb = _synced(p)
+        again, changed, _ = assignments.sync_notebook(nb, p.name, ck.REPO)
+        assert not changed, f"{p.name}: a second sync still changes {changed}"
+        cells = nb["cells"]
+        for e in assignments.exercises(nb, p.name):
+            sol = cells[e["cell"]]["metadata"]["nbgrader"]
+            chk = cells[e["check_cell"]]["metadata"]["nbgrader"]
+            assert sol["solution"] and not sol["locked"] and sol["grade_id"] == e["grade_id"]
+            assert chk["grade"] and chk["locked"] and chk["points"] == assignments.POINTS[e["tier"]]
+        s = assignments.setup_cell(nb)
+        assert s is not None and cells[s]["metadata"]["nbgrader"]["locked"], f"{p.name}: no locked setup cell"
+        first = next(c for c in cells if c["cell_type"] == "code")
+        assert assignments._src(first) == ck.colab.first_cell(ck.REPO), f"{p.name}: the Colab cell is not the first code cell"
+
+
+def test_notebooks_are_in_sync():
+    """Fails until `python -m coursekit.assignments sync notebooks` has been run on the committed notebooks."""
+    out = assignments.sync(ROOT / "notebooks", check=True)
+    dirty = {name: changed for name, (changed, _) in out.items() if changed}
+    assert not dirty, ("notebooks out of sync, run `.venv/bin/python -m coursekit.assignments sync notebooks`: "
+                       + "; ".join(f"{n} ({len(c)} changes, e.g. {c[0]})" for n, c in dirty.items()))
+
+
+def test_student_versions_show_no_answer_pointer_nor_internal_wording():
+    for p in NOTEBOOKS:
+        student = assignments.student_version(json.loads(p.read_text()), p.name)
+        assert not assignments.internal_words(student), f"{p.name}: {assignments.internal_words(student)[:3]}"
+        text = json.dumps(student, ensure_ascii=False)
+        assert "### BEGIN SOLUTION" not in text and "NBVAL" not in text
+        assert all(not c.get("outputs") for c in student["cells"] if c["cell_type"] == "code")
+
+
+def test_exercise_text_rewrites_remove_the_pointer():
+    nb = {"cells": [
+        {"cell_type": "markdown", "metadata": {}, "source": "**Exercise 09.1 (★).** Write it (it is `coursekit.ttt.entropy_loss`).\n"
+                                                           "(`coursekit.x.f` is the version `train()` uses.)"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "# EXERCISE 09.1 (★): f\ndef f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "ck.checks.check_token_accuracy(f)"}]}
+    new, _, todo = assignments.sync_notebook(nb, "09_x.ipynb", "a/b")
+    assert assignments._src(new["cells"][0]) == "**Exercise 09.1 (★).** Write it."
+    assert ck.colab.CELL_TAG in assignments._src(new["cells"][1]), "a notebook without the Colab cell gets one"
+    assert not todo
 
 
 def test_marker_errors_are_one_line():
