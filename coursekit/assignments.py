@@ -395,7 +395,9 @@ def _nbgrader(args: list[str], course: Path, quiet: bool = False) -> str:
     log = course / "nbgrader.log"
     if not quiet:
         print("$ nbgrader " + " ".join(args), flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # nbgrader calls the `alembic` script of its environment: put this interpreter's bin/ first on PATH
+    env = dict(os.environ, PYTHONWARNINGS="ignore",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     r = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, capture_output=True, text=True, env=env)
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ nbgrader {' '.join(args)}\n{r.stdout}{r.stderr}")

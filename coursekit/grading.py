@@ -38,7 +38,7 @@ class ExecuteExercises(Execute):
 
 
 AUTOGRADE_PREPROCESSORS = [ExecuteExercises if p is Execute else p
-                           for p in Autograde.class_traits()["autograde_preprocessors"].default_value]
+                           for p in Autograde.class_traits()["autograde_preprocessors"].default()]
 
 
 def _exercise(grade_id: str) -> str:
