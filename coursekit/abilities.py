@@ -67,22 +67,14 @@ def _answer_logprobs(model, tok, prompts: Sequence[list[int]], answers: Sequence
     batched with right padding; yields ``(index, logp)``."""
     import torch
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    dev = next(model.parameters()).device
+    from .evaluate import logits_at, pad_right
+
     for s in range(0, len(prompts), batch_size):
         P, A = prompts[s : s + batch_size], answers[s : s + batch_size]
-        seqs = [p + a for p, a in zip(P, A)]
-        L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, q in enumerate(seqs):
-            ids[i, : len(q)] = torch.tensor(q)
-            att[i, : len(q)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits
-        for i, (p, a) in enumerate(zip(P, A)):
-            rows = logits[i, len(p) - 1 : len(p) + len(a) - 1].float()
-            yield s + i, torch.log_softmax(rows, -1)
+        ids, att = pad_right(tok, [p + a for p, a in zip(P, A)])
+        spans = [(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(P, A)]
+        for i, lg in enumerate(logits_at(model, ids, att, spans)):
+            yield s + i, torch.log_softmax(lg, -1)
 
 
 @dataclass
