@@ -1,0 +1,203 @@
+"""Profiles hold: every ``P.pick(ci=…, full=…)`` in the notebooks, evaluated for both profiles against the data it
+acts on — without running a notebook.
+
+The picks are read from the notebooks' code (ast) and evaluated for ``ci`` and ``full``; the course data comes
+from coursekit's loaders. Generic rules: every notebook has profile sizes, and ``full`` never repeats the ``ci``
+value (a pick that is the same everywhere is a constant, not a size). Data rules (below, one per size that acts on
+data): no replay share that rounds to zero examples or asks for more examples than the pool holds, no slice
+larger than its data, no LoRA rank above the rank of the matrices it adapts. A rule whose pick disappeared from its
+notebook fails too, so the table follows the notebooks.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from coursekit.profile import PROFILES, Profile
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# SmolLM2-135M-Instruct (config.json): hidden 576, 9 heads x 64, 3 key/value heads -> k/v projections are 576 x 192
+SMALLEST_ADAPTED_DIM = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "o_proj": 576, "gate_proj": 576,
+                        "up_proj": 576, "down_proj": 576}
+
+
+def _code(nb: dict) -> list[tuple[int, str]]:
+    out = []
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "code":
+            src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            out.append((i, "\n".join(ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!")))))
+    return out
+
+
+def _is_pick(node) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "pick"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "P")
+
+
+def _labels(tree) -> dict[int, str]:
+    """id(pick node) -> a readable name: the variable it is assigned to, ``f(kw=)`` or ``xs[:]``."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name) and _is_pick(node.value):
+                    out[id(node.value)] = t.id
+                if isinstance(t, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    for tt, vv in zip(t.elts, node.value.elts):
+                        if isinstance(tt, ast.Name) and _is_pick(vv):
+                            out[id(vv)] = tt.id
+        if isinstance(node, ast.Call):
+            fname = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "?")
+            for kw in node.keywords:
+                if _is_pick(kw.value):
+                    out.setdefault(id(kw.value), f"{fname}({kw.arg}=)")
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice) and _is_pick(node.slice.upper):
+            out.setdefault(id(node.slice.upper), f"{ast.unparse(node.value)}[:]")
+    return out
+
+
+def _data():
+    from coursekit import forgetting as fg, prompting, replay as rp, rome, ttt
+
+    skills, probes, rq, safety = fg.load_skills(), fg.load_probes(), rp.load_replay_questions(), rp.load_safety()
+    train_p, test_p = ttt.load_passages()
+    return SimpleNamespace(skills=skills, probes=probes, rq=rq, safety=safety, counterfact=rome.load_counterfact(),
+                           train_p=train_p, test_p=test_p, notes=prompting.load_notes())
+
+
+DATA = _data()
+NS = {"probes": DATA.probes, "skills": DATA.skills, "rq": DATA.rq, "safety": DATA.safety}
+
+
+def _picks(path: Path) -> list[dict]:
+    nb = json.loads(path.read_text())
+    out = []
+    for i, src in _code(nb):
+        tree = ast.parse(src)
+        labels = _labels(tree)
+        for node in ast.walk(tree):
+            if _is_pick(node):
+                kws = {k.arg: k.value for k in node.keywords}
+                vals = {p: eval(compile(ast.Expression(kws[p]), path.name, "eval"), dict(NS)) for p in PROFILES if p in kws}
+                out.append({"cell": i, "label": labels.get(id(node), f"cell {i}: {ast.unparse(node)[:60]}"),
+                            "src": ast.unparse(node), "values": vals})
+    return out
+
+
+PICKS = {p.name[:2]: _picks(p) for p in NOTEBOOKS}
+
+
+def _source(nb_prefix: str) -> str:
+    nb = json.loads(next(p for p in NOTEBOOKS if p.name.startswith(nb_prefix)).read_text())
+    return "\n".join(s for _, s in _code(nb))
+
+
+def _output(nb_prefix: str) -> str:
+    nb = json.loads(next(p for p in NOTEBOOKS if p.name.startswith(nb_prefix)).read_text())
+    return "\n".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+def _pool_k(ratio: float, n: int) -> int:
+    """replay examples coursekit.replay.mix adds to n task examples at share ``ratio``"""
+    return round(ratio * n / (1 - ratio))
+
+
+def _shares(v, n, pool):
+    ks = [_pool_k(r, n) for r in v]
+    bad = [f"share {r:g} -> {k} replay examples (pool {pool})" for r, k in zip(v, ks) if r > 0 and not 1 <= k <= pool]
+    if len(set(ks)) != len(ks):
+        bad.append(f"two shares give the same pool ({ks})")
+    return not bad, "; ".join(bad)
+
+
+def _known_facts() -> int:
+    m = re.search(r"known: (\d+) / (\d+)", _output("04"))
+    assert m, "notebook 04's committed output must print 'known: X / Y' (facts the model knows)"
+    return int(m.group(1))
+
+
+def _digits_test() -> int:
+    m = re.search(r"digits_split\(n_test=(\d+)", _source("06"))
+    assert m, "notebook 06 must call ttt.digits_split(n_test=...)"
+    return int(m.group(1))
+
+
+def _ks() -> list[int]:
+    m = re.search(r"^KS = (\[.*\])", _source("06"), re.M)
+    assert m, "notebook 06 must define KS = [...] (neighbour counts)"
+    return ast.literal_eval(m.group(1))
+
+
+N_TASK = len(DATA.skills["task_train"])
+# (notebook, pick label, what must hold, check(value, the notebook's picks in this profile) -> ok or (ok, detail))
+RULES = [
+    ("00", "K", "own note + K others (and K + 1 for unrelated questions) fit in data/notes.jsonl",
+     lambda v, o: 1 <= v and v + 1 < len(DATA.notes)),
+    ("00", "SEEDS", "at least 2 seeds (a t-interval over seeds)", lambda v, o: v >= 2),
+    ("02", "EVERY", "a frontier point every EVERY steps within STEPS", lambda v, o: 1 <= v <= o["STEPS"]),
+    ("02", "old_qs", "old-ability probes come from the probe file",
+     lambda v, o: set(v) <= set(DATA.probes["who_heldout"] + DATA.probes["non_who"]) and len(v) >= 4),
+    ("02", "RANKS", "LoRA rank at most the rank of the smallest adapted matrix",
+     lambda v, o: max(v) <= min(SMALLEST_ADAPTED_DIM[m] for tg in o["TARGETS"] for m in tg)),
+    ("03", "SWEEP", "every replay share of the 16 task examples adds >= 1 and <= the alignment pool",
+     lambda v, o: _shares(v, N_TASK, len(DATA.skills["align"]))),
+    ("03", "SAFETY_SWEEP", "every safety share adds >= 1 refusal and <= the refusal pool",
+     lambda v, o: _shares(v, N_TASK, len(DATA.safety["harmful_train"]))),
+    ("03", "N_GEN", "pseudo replay answers rq['questions'][:N_GEN]: N_GEN <= the questions there are",
+     lambda v, o: 1 <= v <= len(DATA.rq["questions"])),
+    ("04", "N_EDITS", "20 <= N_EDITS <= facts the model knows", lambda v, o: 20 <= v <= _known_facts()),
+    ("04", "N_TRACE", "traced facts are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
+    ("04", "N_FT", "fine-tuned edits are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
+    ("04", "N_SEQ", "sequential edits are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
+    ("04", "LAYER_STEP", "a layer stride within the model's 30 layers", lambda v, o: 1 <= v <= 30),
+    ("05", "DENS", "a density in (0, 1]", lambda v, o: 0 < v <= 1),
+    ("06", "make_curve(n_train=)", "the largest neighbourhood (KS) fits in the training set",
+     lambda v, o: max(_ks()) <= v),
+    ("06", "test_p[:]", "test passages <= the test split", lambda v, o: 1 <= v <= len(DATA.test_p)),
+    ("06", "K_LM", "neighbours <= the training passages", lambda v, o: 1 <= v <= len(DATA.train_p)),
+    ("06", "N1", "the per-image subset <= the digit test set", lambda v, o: 1 <= v <= _digits_test()),
+    ("06", "SEG", "a stream segment draws <= the digit test set", lambda v, o: 1 <= v <= _digits_test()),
+]
+
+
+def test_every_notebook_has_profile_sizes():
+    empty = [p.name for p in NOTEBOOKS if not PICKS[p.name[:2]]]
+    assert not empty, f"no P.pick(ci=…, full=…) at all in {empty}: give the full profile its GPU sizes"
+
+
+def test_full_is_not_the_ci_size():
+    same = [f"{nb} cell {p['cell']} {p['label']}: {p['src']}" for nb, ps in PICKS.items() for p in ps
+            if p["values"].get("full") == p["values"].get("ci")]
+    assert not same, "full repeats the ci size (use a GPU size, or a plain constant): " + "; ".join(same)
+
+
+def test_every_rule_finds_its_pick():
+    missing = [f"{nb} {label}" for nb, label, *_ in RULES if not any(p["label"] == label for p in PICKS.get(nb, []))]
+    assert not missing, f"size rules whose pick is gone from the notebook (update RULES): {missing}"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_sizes_fit_their_data(profile):
+    bad = []
+    for nb, label, what, ok in RULES:
+        picks = {p["label"]: p["values"][profile] for p in PICKS.get(nb, [])}
+        if label not in picks:
+            continue  # reported by test_every_rule_finds_its_pick
+        v = picks[label]
+        res = ok(v, picks)
+        good, detail = res if isinstance(res, tuple) else (res, "")
+        if not good:
+            bad.append(f"{nb} {label}={v!r}: {what}" + (f" ({detail})" if detail else ""))
+    assert not bad, f"{profile} profile: " + "; ".join(bad)
+
+
+def test_pick_needs_every_profile():
+    p = Profile(name="full", model="m", device="cpu")
+    assert p.pick(ci=1, full=2) == 2
