@@ -38,6 +38,7 @@ from typing import Sequence
 
 from .data import records_with_ids
 from .errors import CourseError
+from .evaluate import pad_right
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -117,19 +118,6 @@ def _check_layer(model, layer: int) -> int:
     if not isinstance(layer, int) or not 0 <= layer < n:
         raise CourseError(f"layer must be an integer in [0, {n - 1}] (got {layer!r})")
     return layer
-
-
-def _pad(tok, seqs: list[list[int]]):
-    import torch
-
-    L = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
-    return ids, att
 
 
 # ---------------------------------------------------------------------------------- causal tracing
@@ -336,7 +324,7 @@ def compute_k(model, tok, layer: int, prompt: str, subject: str, prefixes: Seque
     ctx = _contexts(prompt, prefixes)
     seqs = [tok(c, add_special_tokens=False)["input_ids"] for c in ctx]
     idx = [subject_span(tok, c, subject)[1] for c in ctx]
-    ids, att = _pad(tok, seqs)
+    ids, att = pad_right(tok, seqs)
     got = {}
     h = _down_proj(model, layer).register_forward_pre_hook(lambda m, inp: got.__setitem__("k", inp[0].detach()))
     try:
@@ -385,7 +373,7 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
     kp = tok(kl_prompt, add_special_tokens=False)["input_ids"]
     rows.append(kp)
     pos.append(subject_span(tok, kl_prompt, subject)[1])
-    ids, att = _pad(tok, rows)
+    ids, att = pad_right(tok, rows)
     ids, att = ids.to(dev), att.to(dev)
     n_ctx = len(ctx)
     down = _down_proj(model, layer)
@@ -497,7 +485,7 @@ def layer_stats(model, tok, layer: int, texts: Sequence[str], batch_size: int = 
         try:
             for s in range(0, len(texts), batch_size):
                 seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
-                ids, att = _pad(tok, seqs)
+                ids, att = pad_right(tok, seqs)
                 with torch.no_grad():
                     model(input_ids=ids.to(dev), attention_mask=att.to(dev))
                 k = cur["k"][att.bool().to(dev)].double().cpu()
