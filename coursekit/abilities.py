@@ -64,17 +64,16 @@ def load_old_abilities(name: str = DATA_FILE) -> dict:
 
 def _answer_logprobs(model, tok, prompts: Sequence[list[int]], answers: Sequence[list[int]], batch_size: int):
     """Per item: log-softmax rows ``[len(answer), vocab]`` at the answer's positions (teacher forced),
-    batched with right padding; yields ``(index, logp)``."""
+    batched by length with right padding; yields ``(index, logp)`` (not in index order)."""
     import torch
 
-    from .evaluate import logits_at, pad_right
+    from .evaluate import length_batches, logits_at, pad_right
 
-    for s in range(0, len(prompts), batch_size):
-        P, A = prompts[s : s + batch_size], answers[s : s + batch_size]
-        ids, att = pad_right(tok, [p + a for p, a in zip(P, A)])
-        spans = [(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(P, A)]
-        for i, lg in enumerate(logits_at(model, ids, att, spans)):
-            yield s + i, torch.log_softmax(lg, -1)
+    for idx in length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], batch_size):
+        ids, att = pad_right(tok, [prompts[i] + answers[i] for i in idx])
+        spans = [(len(prompts[i]) - 1, len(prompts[i]) + len(answers[i]) - 1) for i in idx]
+        for i, lg in zip(idx, logits_at(model, ids, att, spans)):
+            yield i, torch.log_softmax(lg, -1)
 
 
 @dataclass
@@ -119,14 +118,13 @@ class OldAbilities:
                              code=[generate_ids], weights=foundation)
         answers = [a if a else [tok.eos_token_id] for a in answers]
         p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        base_nll, top_ids, top_logp = [], [], []
+        n = len(qs)
+        base_nll, top_ids, top_logp = [0.0] * n, [None] * n, [None] * n
         k = min(topk, foundation.config.vocab_size)
         for i, logp in _answer_logprobs(foundation, tok, p_ids, answers, batch_size):
             a = torch.tensor(answers[i])
-            base_nll.append(-logp.gather(1, a[:, None]).mean().item())
-            v, ix = logp.topk(k, -1)
-            top_ids.append(ix)
-            top_logp.append(v)
+            base_nll[i] = -logp.gather(1, a[:, None]).mean().item()
+            top_logp[i], top_ids[i] = logp.topk(k, -1)
         text = tok.batch_decode(answers, skip_special_tokens=True)
         return cls(questions=qs, prompts=prompts, answers=answers, reference=[t.strip() for t in text],
                    base_nll=base_nll, top_ids=top_ids, top_logp=top_logp, batch_size=batch_size)
@@ -142,12 +140,12 @@ class OldAbilities:
         prompts = self.prompts if prompt_fn_for is None else [
             prompt_fn_for(i)(q, "") for i, q in enumerate(self.questions)]
         p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        out = {"forgetting": [], "kl": [], "agreement": []}
+        out = {k: [0.0] * len(self.answers) for k in ("forgetting", "kl", "agreement")}
         for i, logp in _answer_logprobs(model, tok, p_ids, self.answers, self.batch_size):
             a = torch.tensor(self.answers[i])
-            out["forgetting"].append(-logp.gather(1, a[:, None]).mean().item() - self.base_nll[i])
-            out["agreement"].append((logp.argmax(-1) == a).float().mean().item())
-            out["kl"].append(coarse_kl(self.top_logp[i], logp.gather(1, self.top_ids[i])).mean().item())
+            out["forgetting"][i] = -logp.gather(1, a[:, None]).mean().item() - self.base_nll[i]
+            out["agreement"][i] = (logp.argmax(-1) == a).float().mean().item()
+            out["kl"][i] = coarse_kl(self.top_logp[i], logp.gather(1, self.top_ids[i])).mean().item()
         return out
 
     def __call__(self, model, tok) -> dict:

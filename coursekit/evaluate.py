@@ -43,6 +43,13 @@ def pad_right(tok, seqs: Sequence[list[int]]):
     return ids, att
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so little compute goes to padding;
+    callers put results back in the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def logits_at(model, ids, att, spans: Sequence[tuple[int, int]]) -> list:
     """Float32 next-token logits of row ``i`` at positions ``spans[i] = (start, end)`` only.
 
@@ -69,24 +76,24 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
 
     if len(prompts) != len(targets):
         raise CourseError(f"score_targets(): {len(prompts)} prompts but {len(targets)} targets")
-    out: list[dict] = []
-    for s in range(0, len(prompts), batch_size):
-        P = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
-        T = [tok(t, add_special_tokens=False)["input_ids"] for t in targets[s : s + batch_size]]
-        for t, tgt in zip(T, targets[s : s + batch_size]):
-            if not t:
-                raise CourseError(f"score_targets(): target {tgt!r} has no tokens")
-        ids, att = pad_right(tok, [p + t for p, t in zip(P, T)])
-        spans = [(len(p) - 1, len(p) + len(t) - 1) for p, t in zip(P, T)]
-        for lg, t in zip(logits_at(model, ids, att, spans), T):
-            tgt = torch.tensor(t, device=lg.device)
+    P = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    T = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
+    for t, tgt in zip(T, targets):
+        if not t:
+            raise CourseError(f"score_targets(): target {tgt!r} has no tokens")
+    out: list = [None] * len(P)
+    for idx in length_batches([len(p) + len(t) for p, t in zip(P, T)], batch_size):
+        ids, att = pad_right(tok, [P[i] + T[i] for i in idx])
+        spans = [(len(P[i]) - 1, len(P[i]) + len(T[i]) - 1) for i in idx]
+        for i, lg in zip(idx, logits_at(model, ids, att, spans)):
+            tgt = torch.tensor(T[i], device=lg.device)
             pred = lg.argmax(-1)
-            out.append({
+            out[i] = {
                 "acc": (pred == tgt).float().mean().item(),
                 "logprob": torch.log_softmax(lg, -1).gather(1, tgt[:, None]).sum().item(),
-                "n": len(t),
+                "n": len(T[i]),
                 "pred": pred.tolist(),
-            })
+            }
     return out
 
 

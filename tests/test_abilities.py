@@ -65,3 +65,16 @@ def test_build_rejects_bad_arguments(tiny):
         ab.OldAbilities.build(model, tok, split="test")
     with pytest.raises(CourseError, match="non-empty"):
         ab.OldAbilities.build(model, tok, [""])
+
+
+def test_scores_keep_the_item_order_whatever_the_length_batching(tiny):
+    """Items are batched by length; every result must come back at its own index."""
+    from coursekit.evaluate import score_targets
+
+    model, tok = tiny
+    prompts = ["a", "a b c d e f g h", "a b", "a b c d e f g h i j k l m", "x"]
+    targets = [" yes", " no", " maybe so", " ok", " fine"]
+    together = score_targets(model, tok, prompts, targets, batch_size=2)
+    alone = [score_targets(model, tok, [p], [t])[0] for p, t in zip(prompts, targets)]
+    assert [r["pred"] for r in together] == [r["pred"] for r in alone]
+    assert [r["logprob"] for r in together] == pytest.approx([r["logprob"] for r in alone], abs=1e-4)
