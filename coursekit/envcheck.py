@@ -50,7 +50,8 @@ def check(verbose: bool = True) -> dict[str, bool]:
             line(ok, pip_name, f"{v}" + ("" if ok else f" (need >= {minimum}: pip install -U '{pip_name}>={minimum}')"))
         except Exception as e:  # noqa: BLE001
             line(False, pip_name, f"missing ({type(e).__name__}): pip install '{pip_name}>={minimum}'")
-    from .models import PACKAGED, _package_dir, cache_dir
+    from .cache import cache_dir
+    from .models import PACKAGED, _package_dir
     from .errors import CourseError
 
     module, gguf, pip_name = PACKAGED["smollm2-135m-instruct"]

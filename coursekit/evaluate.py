@@ -8,8 +8,8 @@ All scores are **teacher-forced** (no generation), batched, and return plain dat
   fraction unchanged — needs the foundation model's predictions as a *reference*;
 * probability comparison (ROME/CounterFact): ``P(target_new) > P(target_true)``.
 
-Plus helpers later notebooks use to measure forgetting: agreement with the foundation model's own
-answers, answer length, JSON validity, and how often a string leaks into answers.
+Plus small helpers later notebooks use: answer length, JSON validity, and how often a string leaks into
+answers. Forgetting itself is the course's one old-abilities measure, :mod:`coursekit.abilities`.
 """
 from __future__ import annotations
 
@@ -216,12 +216,6 @@ class EditHarness:
 
 
 # ---------------------------------------------------------------- forgetting measurements
-
-def agreement(model, tok, prompts: Sequence[str], reference_answers: Sequence[str], batch_size: int = 16) -> float:
-    """Teacher-forced token accuracy of the *foundation model's own answers* under ``model``:
-    1.0 means the model would still say exactly what the foundation model said."""
-    return token_accuracy(model, tok, prompts, reference_answers, batch_size)
-
 
 def answer_length(texts: Sequence[str]) -> float:
     """Mean answer length in words."""

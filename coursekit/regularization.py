@@ -13,7 +13,7 @@ What lives here (the training loop itself is :func:`coursekit.finetune.train`; L
 * "traditional" regularisers for comparison: dropout on every attention/MLP output (:func:`dropout_hooks`)
   and AdamW weight decay (a ``train()`` argument);
 * :func:`run_config` (one fine-tuning configuration -> a list of frontier points), :class:`RunCache`
-  (precomputed runs as JSON in ``ck.models.cache_dir()``, for the widget), :func:`pearson`,
+  (precomputed runs in the course cache, :mod:`coursekit.cache`, for the widget), :func:`pearson`,
   :func:`at_matched` (forgetting interpolated at a given new-skill level).
 
 A configuration is a dict::
