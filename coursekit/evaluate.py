@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .chat import chat_prompt
+from .chat import chat_prompt, length_batches  # noqa: F401  (length_batches: re-exported)
 from .errors import CourseError
 
 KINDS = ("reliability", "rephrase", "reversal", "portability", "locality")
@@ -41,13 +41,6 @@ def pad_right(tok, seqs: Sequence[list[int]]):
         ids[i, : len(q)] = torch.tensor(q)
         att[i, : len(q)] = 1
     return ids, att
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so little compute goes to padding;
-    callers put results back in the original order."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def logits_at(model, ids, att, spans: Sequence[tuple[int, int]]) -> list:

@@ -56,11 +56,18 @@ def collate(tok, batch: Sequence[dict], max_len: int = 256):
 
 
 def completion_loss(model, batch) -> "torch.Tensor":
-    """Mean cross-entropy over completion tokens (labels != -100)."""
+    """Mean cross-entropy over completion tokens (labels != -100).
+
+    The decoder runs over every position, but the 49k-column output layer only where a label is trained:
+    projecting prompt and padding positions is ~15% of a training step on SmolLM2 and changes nothing
+    (the same number as ``cross_entropy(logits, labels, ignore_index=-100)`` over all positions — tested)."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, labels[keep])
 
 
 def add_lora(model, r: int = 8, alpha: int | None = None, target_modules=("q_proj", "v_proj"), dropout: float = 0.0):

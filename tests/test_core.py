@@ -195,7 +195,9 @@ def test_harness_locality_is_one_against_itself(tiny):
 def test_harness_learns_edit_after_training(tiny):
     """Fine-tune the tiny model on one edit until its loss is far below log 2 per token (every target token
     then has p > 0.5, so it is the argmax): its reliability must rise to 1. Trained to a margin, not to the
-    edge, so another CPU's kernels or thread count cannot flip a token (#13: 40 steps left it at 0.667)."""
+    edge, so another CPU's kernels or thread count cannot flip a token (#13: 40 steps left it at 0.667). At
+    lr 3e-2 Adam oscillates on this model (a loss of 0.3-1.3 after 100 steps for 2 of 3 init seeds); at 1e-2
+    it falls smoothly to ~0.005 for every seed tried."""
     model, tok = tiny
     edits = [e for e in data.load_edits() if e["id"] == "space_needle"]
     H = evaluate.EditHarness(tok, edits)
@@ -203,7 +205,7 @@ def test_harness_learns_edit_after_training(tiny):
     prompt = ck.chat.chat_prompt(tok, e["question"], prefix=e["prefix"])
     ex = [{"prompt": prompt, "completion": e["target_new"]}]
     before = H.evaluate(model).summary["reliability"]
-    model, hist = finetune.train(model, tok, ex, steps=100, lr=3e-2, batch_size=1, progress=False)
+    model, hist = finetune.train(model, tok, ex, steps=100, lr=1e-2, batch_size=1, progress=False)
     after = H.evaluate(model).summary["reliability"]
     assert hist[-1]["loss"] < 0.1 < hist[0]["loss"], [round(h["loss"], 3) for h in hist[::10]]
     assert after == 1.0 and before < 1.0
@@ -229,6 +231,23 @@ def test_collate_masks_prompt(tok):
     n_prompt = len(tok(ex["prompt"], add_special_tokens=False)["input_ids"])
     assert (b["labels"][0, :n_prompt] == -100).all() and (b["labels"][0, n_prompt] != -100)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+
+
+def test_completion_loss_equals_full_logits_cross_entropy(tiny, tok):
+    """The output layer applied only at trained positions gives the loss (and gradient) of the full one."""
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = tiny
+    b = finetune.collate(tok, [finetune.sft_example(tok, "Who wrote it?", "Somebody did."),
+                               finetune.pretrain_example(tok, "a longer piece of plain text to pad the batch")])
+    lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    want = F.cross_entropy(lg[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
+    got = finetune.completion_loss(model, b)
+    assert torch.allclose(got, want, atol=1e-6)
+    g_want = torch.autograd.grad(want, model.model.embed_tokens.weight)[0]
+    g_got = torch.autograd.grad(got, model.model.embed_tokens.weight)[0]
+    assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
 def test_train_lora_merges_back_and_is_deterministic(tiny, tok):
@@ -261,3 +280,19 @@ def test_retriever_threshold():
     r = Retriever(["The Space Needle is in Taipei."], keys=["In which city is the Space Needle?"])
     assert r.search("Where is the Space Needle?")[0] is not None
     assert r.search("What is the capital of France?")[0] is None
+
+
+def test_generate_ids_keeps_prompt_order_across_length_batches(tiny):
+    """Prompts are batched by length; each answer still comes back at its prompt's index."""
+    import torch
+
+    model, tok = tiny
+    torch.manual_seed(1)
+    with torch.no_grad():  # large random weights: answers that differ from prompt to prompt
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    prompts = [ck.chat.chat_prompt(tok, q) for q in ["Hi?", "A much longer question about many things?", "Why?"]]
+    alone = [ck.chat.generate_ids(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    batched = ck.chat.generate_ids(model, tok, prompts, max_new_tokens=5, batch_size=2)
+    assert batched == alone and len({tuple(a) for a in alone}) > 1
