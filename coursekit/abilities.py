@@ -114,7 +114,7 @@ class OldAbilities:
             raise CourseError(f"OldAbilities.build(): topk must be a positive int (got {topk!r})")
         prompts = [chat_prompt(tok, q) for q in qs]
         answers = cache.json("abilities/answers", {"prompts": prompts, "max_new_tokens": max_new_tokens},
-                             lambda: generate_ids(foundation, tok, prompts, max_new_tokens, batch_size, progress),
+                             lambda: generate_ids(foundation, tok, prompts, max_new_tokens, progress=progress),
                              code=[generate_ids], weights=foundation)
         answers = [a if a else [tok.eos_token_id] for a in answers]
         p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
