@@ -7,3 +7,23 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if hasattr(item, "output_timeout"):
             item.output_timeout = 120
+
+
+_NOTEBOOK_SECONDS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    # every phase (setup starts the kernel, call runs the cell) of a notebook's items, summed per notebook
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        _NOTEBOOK_SECONDS[path] = _NOTEBOOK_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`make test` ends with each notebook's wall time (the README's table and the 7-minute budget)."""
+    if not _NOTEBOOK_SECONDS:
+        return
+    terminalreporter.section("notebook wall time")
+    for path, s in sorted(_NOTEBOOK_SECONDS.items()):
+        terminalreporter.write_line(f"{s / 60:5.1f} min  {path}")
+    terminalreporter.write_line(f"{sum(_NOTEBOOK_SECONDS.values()) / 60:5.1f} min  all notebooks")
