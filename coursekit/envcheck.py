@@ -71,8 +71,9 @@ def check(verbose: bool = True) -> dict[str, bool]:
     try:
         import torch
 
+        n = torch.get_num_threads()
         dev = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else (
-            f"cpu ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads")
+            f"cpu ({torch.backends.cpu.get_cpu_capability()} kernels), {n} thread{'s' * (n != 1)}")
         line(True, "device", dev)
     except Exception as e:  # noqa: BLE001
         line(False, "device", str(e))
