@@ -67,7 +67,8 @@ def _answer_logprobs(model, tok, prompts: Sequence[list[int]], answers: Sequence
     batched by length with right padding; yields ``(index, logp)`` (not in index order)."""
     import torch
 
-    from .evaluate import length_batches, logits_at, pad_right
+    from .chat import length_batches
+    from .evaluate import logits_at, pad_right
 
     for idx in length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], batch_size):
         ids, att = pad_right(tok, [prompts[i] + answers[i] for i in idx])

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .chat import chat_prompt, length_batches  # noqa: F401  (length_batches: re-exported)
+from .chat import chat_prompt, length_batches
 from .errors import CourseError
 
 KINDS = ("reliability", "rephrase", "reversal", "portability", "locality")
