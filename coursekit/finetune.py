@@ -107,6 +107,7 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
     order: list[int] = []
     history = []
     target.train()
+    opt.zero_grad(set_to_none=True)  # no stale gradients from before
     bar = tqdm(range(1, steps + 1), desc=progress if isinstance(progress, str) else "train",
                disable=not progress, leave=False)
     try:
@@ -119,9 +120,9 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
             batch = {k: v.to(dev) for k, v in collate(tok, [examples[i] for i in batch_idx], max_len).items()}
             loss = completion_loss(target, batch)
             total = loss + (regularizer(target) if regularizer else 0.0)
-            opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)  # free the gradients now, not at the next step (a model's worth)
             rec = {"step": step, "loss": loss.item()}
             if callback and ((every and step % every == 0) or step == steps):
                 target.eval()

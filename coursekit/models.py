@@ -139,8 +139,18 @@ def load_model(name: str | None = None, device: str | None = None, dtype=None):
 
 
 def snapshot(model) -> dict:
-    """A detached copy of every weight (CPU memory), to come back to the foundation model."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A detached copy of every weight (CPU memory), to come back to the foundation model.
+
+    Tied weights (SmolLM2's input embedding is its output layer) are copied once and shared in the
+    snapshot as they are in the model, which saves a 113 MB copy per snapshot."""
+    copies: dict = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        if key not in copies:
+            copies[key] = v.detach().clone()
+        out[k] = copies[key]
+    return out
 
 
 def restore(model, snap: dict) -> None:

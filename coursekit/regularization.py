@@ -89,11 +89,17 @@ class ParamPenalty:
     """``R(θ) = lam · Σ_j w_j (θ_j − θ_j⁰)²`` over the parameters named in ``theta0``.
 
     ``weights`` is None (every ``w_j = 1``: L2-SP) or a dict name -> tensor of the same shape (EWC: the
-    diagonal Fisher, normalised to mean 1 so that ``lam`` means the same thing for both).
+    diagonal Fisher, normalised to mean 1 so that ``lam`` means the same thing for both). ``w_j`` is
+    ``weights[j] / divisor``, divided when the penalty is computed (the same numbers as dividing it all up
+    front): the normalised copy lives only until that step's backward, so an EWC run does not hold a
+    second model-sized Fisher between steps.
     """
 
-    def __init__(self, theta0: dict, lam: float, weights: dict | None = None):
+    def __init__(self, theta0: dict, lam: float, weights: dict | None = None, divisor: float = 1.0):
         self.lam = _check_lam(lam)
+        if not (isinstance(divisor, (int, float)) and math.isfinite(divisor) and divisor > 0):
+            raise CourseError(f"the regulariser's divisor must be a positive number (got {divisor!r})")
+        self.divisor = float(divisor)
         if not isinstance(theta0, dict) or not theta0:
             raise CourseError("the regulariser needs theta0: a dict of parameter name -> tensor (use anchor(model))")
         self.theta0 = theta0
@@ -116,11 +122,17 @@ class ParamPenalty:
                 continue
             found += 1
             d = (p - self.theta0[n]) ** 2
-            total = total + ((self.weights[n] * d).sum() if self.weights is not None else d.sum())
+            total = total + ((self._weight(n) * d).sum() if self.weights is not None else d.sum())
         if not found:
             raise CourseError("the regulariser found none of its parameters in the model: was theta0 taken "
                               "from a different (or peft-wrapped) model?")
         return self.lam * total
+
+    def _weight(self, name: str):
+        import torch
+
+        w = self.weights[name]
+        return w if self.divisor == 1.0 else (w / self.divisor).to(torch.float32)
 
 
 def l2sp(theta0: dict, lam: float) -> ParamPenalty:
@@ -132,14 +144,11 @@ def ewc(theta0: dict, fisher: dict, lam: float) -> ParamPenalty:
     """EWC: ``λ_j = lam · F_j / mean(F)`` — parameters that matter for the old abilities are held harder."""
     if not isinstance(fisher, dict) or not fisher:
         raise CourseError("ewc() needs a non-empty Fisher dict (see diag_fisher())")
-    import torch
-
     total = sum(f.sum().item() for f in fisher.values())
     count = sum(f.numel() for f in fisher.values())
     if not (total > 0 and math.isfinite(total)):
         raise CourseError("ewc(): the Fisher is all zeros or not finite")
-    mean = total / count
-    return ParamPenalty(theta0, lam, {n: (f / mean).to(torch.float32) for n, f in fisher.items()})
+    return ParamPenalty(theta0, lam, fisher, divisor=total / count)
 
 
 def diag_fisher(model, tok, prompts: Sequence[str], answers: Sequence[str], progress: bool = True) -> dict:
@@ -276,10 +285,11 @@ def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, o
     for p in model.parameters():
         p.requires_grad_(True)
     reg = None
+    theta0 = {n: snap[n] for n, _ in model.named_parameters()}  # = anchor(model) right after restore, no copy
     if c["reg"] == "l2sp":
-        reg = l2sp(anchor(model), c["lam"])
+        reg = l2sp(theta0, c["lam"])
     elif c["reg"] == "ewc":
-        reg = ewc(anchor(model), fisher, c["lam"])
+        reg = ewc(theta0, fisher, c["lam"])
     points = [dict(start, step=0)] if start else []
 
     def cb(step, m):

@@ -97,6 +97,19 @@ def test_snapshot_restore(tiny):
         models.restore(model, {})
 
 
+def test_snapshot_copies_tied_weights_once(tiny):
+    import torch
+
+    model, tok = tiny
+    snap = models.snapshot(model)
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    assert model.state_dict()[emb].data_ptr() == model.state_dict()[head].data_ptr()  # tied in the model
+    assert snap[emb] is snap[head] and snap[emb].data_ptr() != model.state_dict()[emb].data_ptr()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    assert not torch.equal(snap[emb], model.state_dict()[emb])  # a copy, not a view of the live weights
+
+
 def test_cache_dir_env(tmp_cache):
     assert models.cache_dir() == tmp_cache and tmp_cache.exists()
 
@@ -263,6 +276,23 @@ def test_train_lora_merges_back_and_is_deterministic(tiny, tok):
         assert type(m).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in m.state_dict())
         outs.append((h[-1]["loss"], m.model.layers[0].self_attn.q_proj.weight.clone()))
     assert outs[0][0] == outs[1][0] and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_train_ignores_stale_gradients_and_frees_its_own(tok):
+    """Gradients left on the model beforehand do not leak into the first step, and none are kept after
+    training (they are freed after every optimizer step: a model's worth of memory)."""
+    import torch
+
+    from conftest import make_tiny_llama
+
+    ex = [finetune.sft_example(tok, "Who?", "Me.")]
+    clean, _ = finetune.train(make_tiny_llama(tok), tok, ex, steps=2, lr=1e-2, batch_size=1, progress=False)
+    dirty = make_tiny_llama(tok)
+    for p in dirty.parameters():
+        p.grad = torch.full_like(p, 5.0)
+    dirty, _ = finetune.train(dirty, tok, ex, steps=2, lr=1e-2, batch_size=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(clean.parameters(), dirty.parameters()))
+    assert all(p.grad is None for p in dirty.parameters())
 
 
 def test_train_bad_arguments(tiny):
