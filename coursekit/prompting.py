@@ -91,10 +91,9 @@ def incontext_for(tok, notes: Sequence[str], k: int, seed: int, own: bool = True
 
 
 def _margins(model, tok, prompts: Sequence[str], new: Sequence[str], true: Sequence[str], batch_size: int) -> list:
-    from .evaluate import score_targets
+    from .evaluate import score_target_sets
 
-    a = score_targets(model, tok, prompts, new, batch_size)
-    b = score_targets(model, tok, prompts, true, batch_size)
+    a, b = score_target_sets(model, tok, prompts, [new, true], batch_size)  # each prompt runs once for both
     return [x["logprob"] / x["n"] - y["logprob"] / y["n"] for x, y in zip(a, b)]
 
 

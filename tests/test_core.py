@@ -231,6 +231,22 @@ def test_forgetting_helpers():
     assert evaluate.mention_rate(["Hung-yi Lee.", "Paris"], "hung-yi lee") == 0.5
 
 
+def test_score_target_sets_equals_scoring_each_set_alone(tiny):
+    """One prompt pass shared by several targets (key/value cache, left-padded prompts of different lengths,
+    targets of different lengths) gives the numbers of scoring every (prompt, target) pair on its own."""
+    model, tok = tiny
+    prompts = ["Hello there", "A much longer prompt with several more words in it", "B"]
+    sets = [[" world.", " x", " a longer target here"], [" y z", " one two three four", "."]]
+    shared = evaluate.score_target_sets(model, tok, prompts, sets, batch_size=2)
+    for targets, got in zip(sets, shared):
+        alone = evaluate.score_targets(model, tok, prompts, targets, batch_size=1)
+        for a, g in zip(alone, got):
+            assert g["pred"] == a["pred"] and g["n"] == a["n"] and g["acc"] == a["acc"]
+            assert g["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
+    with pytest.raises(CourseError, match="2 prompts but 1 targets"):
+        evaluate.score_target_sets(model, tok, ["a", "b"], [["c", "d"], ["e"]])
+
+
 def test_score_targets_rejects_mismatch(tiny):
     model, tok = tiny
     with pytest.raises(CourseError):
