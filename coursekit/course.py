@@ -4,8 +4,8 @@ notebook's wall time and the claims ledger.
 The committed notebooks are never modified. Without running anything:
 ``python -m coursekit.course table [paths]`` prints the results table and
 ``python -m coursekit.course claims [paths]`` the claims ledger (one row per lecture claim C0..C21) of
-executed notebooks (default: build/executed if ``make course`` ran, else the committed notebooks, which are
-executed in the ci profile).
+executed notebooks (default: build/executed if ``make course`` ran since the notebooks last changed, else the
+committed notebooks, which are executed in the ci profile; the first line says which).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from .results import read_results, results_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def notebooks(pattern: str = "*.ipynb") -> list[Path]:
-    return sorted(p for p in (ROOT / "notebooks").glob(pattern) if not p.name.startswith("_"))
+def notebooks(pattern: str = "*.ipynb", root: Path = ROOT) -> list[Path]:
+    return sorted(p for p in (root / "notebooks").glob(pattern) if not p.name.startswith("_"))
 
 
 def run(pattern: str, out: Path, timeout: int) -> list[tuple[Path, bool]]:
@@ -54,9 +54,17 @@ def run(pattern: str, out: Path, timeout: int) -> list[tuple[Path, bool]]:
     return done
 
 
-def default_paths() -> list[Path]:
-    executed = sorted((ROOT / "build" / "executed").glob("*.ipynb"))
-    return executed or notebooks()
+def default_paths(root: Path = ROOT) -> tuple[list[Path], str]:
+    """The notebooks to read and where they come from: build/executed when ``make course`` ran after every notebook
+    last changed, else the committed notebooks (a stale build/executed must not hide newer committed results)."""
+    committed, out = notebooks(root=root), root / "build" / "executed"
+    if not any(out.glob("*.ipynb")):
+        return committed, "the committed notebooks (ci profile)"
+    stale = [p.name for p in committed if not (out / p.name).exists() or (out / p.name).stat().st_mtime < p.stat().st_mtime]
+    if stale:
+        which = ", ".join(stale) if len(stale) <= 2 else f"{len(stale)} of them"
+        return committed, f"the committed notebooks: build/executed is older than {which} (`make course` refreshes it)"
+    return sorted(out.glob("*.ipynb")), "build/executed (the last `make course`)"
 
 
 def claims_ledger(paths) -> str:
@@ -88,7 +96,10 @@ def main(argv=None) -> int:
         if failed:
             print(f"\nfailed: {', '.join(failed)}")
         return 1 if failed else 0
-    paths = [Path(p) for p in a.paths] or default_paths()
+    paths = [Path(p) for p in a.paths]
+    if not paths:
+        paths, source = default_paths()
+        print(f"# from {source}")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"CourseError: no such notebook: {', '.join(missing)}")

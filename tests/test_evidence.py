@@ -107,3 +107,24 @@ def test_claims_travel_in_the_results_line_and_the_ledger(capsys, tmp_path):
     rows = {l.split()[0]: l for l in text.splitlines()[2:] if l[:1] == "C"}
     assert "reproduced" in rows["C0"] and "not measured" in rows["C1"] and len(rows) == len(ev.CLAIMS)
     assert "rag_reliability" in text and "40" in text
+
+
+def test_a_stale_build_does_not_hide_newer_committed_notebooks(tmp_path):
+    """`course claims` reads build/executed only if `make course` ran after every notebook last changed."""
+    import os
+
+    from coursekit.course import default_paths
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "build" / "executed").mkdir(parents=True)
+    nb, ex = tmp_path / "notebooks" / "00_a.ipynb", tmp_path / "build" / "executed" / "00_a.ipynb"
+    nb.write_text("{}")
+    paths, source = default_paths(tmp_path)
+    assert paths == [nb] and "committed" in source  # no build yet
+    ex.write_text("{}")
+    os.utime(ex, (nb.stat().st_mtime - 60,) * 2)
+    paths, source = default_paths(tmp_path)
+    assert paths == [nb] and "older than 00_a.ipynb" in source  # built, then the notebook changed
+    os.utime(ex, (nb.stat().st_mtime + 60,) * 2)
+    paths, source = default_paths(tmp_path)
+    assert paths == [ex] and "make course" in source
