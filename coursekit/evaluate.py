@@ -80,9 +80,11 @@ def _target_score(logits, target: list[int]) -> dict:
 
     tgt = torch.tensor(target, device=logits.device)
     pred = logits.argmax(-1)
+    lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
     return {
         "acc": (pred == tgt).float().mean().item(),
-        "logprob": torch.log_softmax(logits, -1).gather(1, tgt[:, None]).sum().item(),
+        "logprob": lp.sum().item(),
+        "token_logprobs": lp.tolist(),
         "n": len(target),
         "pred": pred.tolist(),
     }
@@ -92,7 +94,8 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     """Teacher-forced scores of ``targets`` as continuations of ``prompts``.
 
     Returns per pair: ``acc`` (fraction of target tokens predicted by argmax), ``logprob`` (sum of
-    target-token log-probabilities), ``n`` (target tokens), ``pred`` (argmax ids at target positions).
+    target-token log-probabilities), ``token_logprobs`` (the same, one per token), ``n`` (target tokens),
+    ``pred`` (argmax ids at target positions).
     """
     P, (T,) = _encode_pairs(tok, prompts, [targets], "score_targets")
     out: list = [None] * len(P)

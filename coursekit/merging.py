@@ -11,9 +11,14 @@ A *task vector* is what fine-tuning changed: ``tau = theta_ft - theta_base`` (Il
 the adapted matrices: ~265 MB for LoRA on q,v,up,down of the 135M model instead of ~540 MB), supports ``+ - * neg``, and is
 applied in place with :func:`apply` (the model must be at its base weights: pass the base snapshot).
 
-mergekit (the tool the lecture names) is driven through :func:`mergekit_config` (writes and validates
-the YAML; a bad config is one :class:`CourseError` line) and :func:`run_mergekit` (runs the
-``mergekit-yaml`` CLI that sits next to ``sys.executable``, on the CPU).
+mergekit (the tool the lecture names) is driven through :func:`mergekit_config` (builds and validates
+the configuration; a bad config is one :class:`CourseError` line) and :func:`run_mergekit` (writes it as
+YAML and runs mergekit's ``run_merge`` — what the ``mergekit-yaml`` command calls — on the CPU).
+
+Skill scores are continuous and teacher-forced (:func:`skill_scores`): the mean per-token log-probability
+of each record's target, with the empty system prompt :data:`SYSTEM` for training and scoring alike.
+:func:`gain_share` turns them into "share of the single-skill model's gain"; :func:`styled_scores` splits
+an analogy's styled answer into its persona part and its content part.
 
 Course skills (``data/skills_*.jsonl``), one JSON object per line, ``//`` comments allowed:
 
@@ -21,11 +26,12 @@ Course skills (``data/skills_*.jsonl``), one JSON object per line, ``//`` commen
 field        type      meaning
 ===========  ========  ===========================================================================
 id           str       unique within the file
-split        str       ``train`` (used for fine-tuning and scored) or ``test`` (scored only)
+split        str       ``train`` (used for fine-tuning) or ``test`` (held out: scored only)
 question     str       the user turn
 answer       str       the assistant's full answer to train on (required when split is train)
 prefix       str       start of the assistant turn before the scored target ("" = none)
-target       str       the scored continuation (teacher-forced token accuracy)
+target       str       the scored continuation (only the name / meaning, no final period)
+fact         str       optional, test records: id of the train record whose knowledge it asks anew
 ===========  ========  ===========================================================================
 
 Files: ``skills_armour`` (pirate persona: answers start "Ahoy, matey!", scored on held-out
@@ -37,14 +43,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .errors import CourseError
 
 PERSONA = "Ahoy, matey!"
+SYSTEM = ""  # skills are trained and scored with an empty system prompt (SmolLM2's default adds 16 tokens)
 SPLITS = ("train", "test")
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 
@@ -64,42 +69,99 @@ def load_skill(name: str) -> list[dict]:
         c.string(rec, "answer", required=split == "train")
         c.string(rec, "prefix", required=False, allow_empty=True)
         c.string(rec, "target")
-        out.append(rec)
-    return out
+        if "fact" in rec:
+            c.string(rec, "fact")
+        out.append((c, rec))
+    train_ids = {r["id"] for _, r in out if r["split"] == "train"}
+    for c, rec in out:
+        if "fact" in rec and rec["fact"] not in train_ids:
+            c.fail("fact", f"names no train record of this file (got '{rec['fact']}')")
+    return [r for _, r in out]
 
 
 def styled(records: Sequence[dict], persona: str = PERSONA) -> list[dict]:
-    """The same records answered in the persona's style: answer and scored target both start with it.
+    """The same records answered in the persona's style: every answer starts with it, and the scored
+    continuation is ``persona + " " + prefix + target`` after an empty assistant turn (``persona`` and
+    ``part`` mark the two parts that :func:`styled_scores` splits it into).
 
     Used for the analogy: sword facts : styled sword facts = slang : styled slang.
     """
     out = []
     for r in records:
-        full = r.get("answer") or (r.get("prefix", "") + r["target"])
-        out.append(dict(r, answer=f"{persona} {full}", prefix="", target=f"{persona} {full}"))
+        rest = r.get("prefix", "") + r["target"]
+        new = dict(r, prefix="", target=f"{persona} {rest.lstrip()}", persona=persona, part=r["target"])
+        if r.get("answer"):
+            new["answer"] = f"{persona} {r['answer']}"
+        out.append(new)
     return out
 
 
 def examples(tok, records: Sequence[dict]) -> list[dict]:
-    """SFT examples (``finetune.sft_example``) from the train split."""
+    """SFT examples (``finetune.sft_example``, system prompt :data:`SYSTEM`) from the train split."""
     from .finetune import sft_example
 
-    ex = [sft_example(tok, r["question"], r["answer"]) for r in records if r["split"] == "train"]
+    ex = [sft_example(tok, r["question"], r["answer"], SYSTEM) for r in records if r["split"] == "train"]
     if not ex:
         raise CourseError("examples(): these records have no 'train' split")
     return ex
 
 
-def skill_score(model, tok, records: Sequence[dict], split: str | None = None, batch_size: int = 16) -> float:
-    """Teacher-forced token accuracy of each record's target after ``chat prompt + prefix``."""
-    from .chat import chat_prompt
-    from .evaluate import token_accuracy
-
+def _select(records: Sequence[dict], split: str | None) -> list[dict]:
     rs = [r for r in records if split is None or r["split"] == split]
     if not rs:
-        raise CourseError(f"skill_score(): no records with split '{split}'")
-    prompts = [chat_prompt(tok, r["question"], prefix=r.get("prefix", "")) for r in rs]
-    return token_accuracy(model, tok, prompts, [r["target"] for r in rs], batch_size)
+        raise CourseError(f"no skill records with split '{split}'")
+    return rs
+
+
+def skill_scores(model, tok, records: Sequence[dict], split: str | None = None, batch_size: int = 16) -> list[float]:
+    """Per record: mean per-token log-probability (nats) of its target after ``chat prompt + prefix``,
+    teacher-forced. Continuous, so a partly learned skill shows as a partial gain (token accuracy moves
+    in steps of 1/len(target) and saturates)."""
+    from .chat import chat_prompt
+    from .evaluate import score_targets
+
+    rs = _select(records, split)
+    prompts = [chat_prompt(tok, r["question"], SYSTEM, prefix=r.get("prefix", "")) for r in rs]
+    return [x["logprob"] / x["n"] for x in score_targets(model, tok, prompts, [r["target"] for r in rs], batch_size)]
+
+
+def styled_scores(model, tok, records: Sequence[dict], split: str | None = None, batch_size: int = 16) -> dict:
+    """Scores of :func:`styled` records split into their two parts, per record: ``persona`` (mean per-token
+    log-probability of the persona's opening words) and ``part`` (of the original target at the end), and
+    ``both`` (their average: each part counts the same, whatever its length)."""
+    from .chat import chat_prompt
+    from .evaluate import score_targets
+
+    rs = _select(records, split)
+    if not all("persona" in r and "part" in r for r in rs):
+        raise CourseError("styled_scores(): give records made by styled()")
+    prompts = [chat_prompt(tok, r["question"], SYSTEM) for r in rs]
+    out = {"persona": [], "part": [], "both": []}
+    for r, x in zip(rs, score_targets(model, tok, prompts, [r["target"] for r in rs], batch_size)):
+        n_p = len(tok(r["persona"], add_special_tokens=False)["input_ids"])
+        n_t = len(tok(r["part"], add_special_tokens=False)["input_ids"])
+        lp = x["token_logprobs"]
+        if n_p + n_t > len(lp):
+            raise CourseError(f"styled_scores(): cannot split the target of '{r['id']}' into its parts")
+        out["persona"].append(sum(lp[:n_p]) / n_p)
+        out["part"].append(sum(lp[-n_t:]) / n_t)
+        out["both"].append((out["persona"][-1] + out["part"][-1]) / 2)
+    return out
+
+
+def gain_share(merged, base, single):
+    """Per ``[seed, item]``: ``(merged − base) / mean_items(single − base)`` of that seed — each item's gain
+    as a share of the single-skill model's mean gain on the same items. Its mean over items is
+    ``(mean merged − mean base) / (mean single − mean base)``: 1 = as good as the single-skill model, 0 = as
+    the base. The denominator (a mean over all items) is treated as fixed by the interval."""
+    import numpy as np
+
+    m, s = np.atleast_2d(np.asarray(merged, float)), np.atleast_2d(np.asarray(single, float))
+    b = np.asarray(base, float)
+    den = (s - b).mean(1, keepdims=True)
+    if (den <= 0).any():
+        raise CourseError("gain_share(): the single-skill model did not improve on the base for some seed")
+    return (m - b) / den
 
 
 # ------------------------------------------------------------------ task vectors
@@ -250,6 +312,33 @@ def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = 
     return TaskVector(cache.tensors(f"merging/{key}", spec or {}, compute, code=[finetune, make], weights=weights))
 
 
+LORA = dict(r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])  # notebook 05's fine-tunes
+
+
+def finetune_vector(model, tok, base: dict, key: str, records: Sequence[dict], seed: int, steps: int,
+                    lr: float = 3e-3, batch_size: int = 4, lora: dict | None = None) -> TaskVector:
+    """``tau = theta_ft - theta`` of a LoRA fine-tune (merged back) on ``records``' train split, from the base
+    snapshot ``base``, with ``seed`` driving the data order and the LoRA initialisation; cached
+    (:func:`cached_vector`: keyed by the examples, recipe, seed, code and base). ``model`` is left at ``base``."""
+    from .finetune import train
+    from .models import restore
+
+    ex = examples(tok, records)
+    lora = lora or LORA
+    spec = dict(examples=ex, steps=steps, lr=lr, batch=batch_size, lora=lora, seed=seed)
+
+    def make() -> TaskVector:
+        restore(model, base)
+        ft, _ = train(model, tok, ex, steps=steps, lr=lr, batch_size=batch_size, lora=lora, seed=seed,
+                      progress=f"{key} (seed {seed})")
+        return TaskVector.extract(ft, base)
+
+    try:
+        return cached_vector(f"{key}-seed{seed}", make, spec, weights=base)
+    finally:
+        restore(model, base)
+
+
 def save_folder(model, tok, base: dict, tau: TaskVector | None, folder: str | Path, lam: float = 1.0) -> Path:
     """Save ``base + lam*tau`` as a safetensors model folder (for mergekit); the model is left at
     those weights. With ``tau=None`` the base itself is saved."""
@@ -338,33 +427,43 @@ def to_yaml(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def mergekit_cli() -> str:
-    """Path of the ``mergekit-yaml`` command next to this Python (the course's virtual env)."""
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("mergekit-yaml")
-    if not found:
-        raise CourseError("mergekit-yaml not found next to this Python: `pip install mergekit`")
-    return found
+def run_mergekit(cfg: dict, out_dir: str | Path, seed: int = 0) -> Path:
+    """Run the merge ``cfg`` with mergekit's own ``run_merge`` (what the ``mergekit-yaml`` command calls),
+    in this process on the CPU, and return the output folder (a loadable model; the YAML is written next to
+    it). In-process, the merge does not pay a second import of torch and transformers (~10 s).
+    ``seed`` fixes DARE's random drops. Failures are one :class:`CourseError` line."""
+    import torch
 
-
-def run_mergekit(cfg: dict, out_dir: str | Path, seed: int = 0, timeout: int = 600) -> Path:
-    """Write ``cfg`` as YAML next to ``out_dir`` and run ``mergekit-yaml`` on the CPU; returns the
-    output folder (a loadable model). Failures are one :class:`CourseError` line."""
+    try:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+    except ImportError:
+        raise CourseError("mergekit is not installed: `pip install mergekit`") from None
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    yml = out_dir.parent / f"{out_dir.name}.yml"
-    yml.write_text(to_yaml(cfg), encoding="utf-8")
-    cmd = [mergekit_cli(), str(yml), str(out_dir), "--copy-tokenizer", "--quiet", "--random-seed", str(seed),
-           "--no-lazy-unpickle"]
+    (out_dir.parent / f"{out_dir.name}.yml").write_text(to_yaml(cfg), encoding="utf-8")
+    threads = torch.get_num_threads()
+    opts = MergeOptions(copy_tokenizer=True, random_seed=seed, quiet=True, write_model_card=False,
+                        lazy_unpickle=False, num_threads=threads)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CourseError(f"mergekit-yaml did not finish in {timeout} s") from None
-    if p.returncode != 0:
-        lines = [l for l in (p.stderr or p.stdout).strip().splitlines() if l.strip()]
-        raise CourseError(f"mergekit-yaml failed (exit {p.returncode}): {lines[-1] if lines else 'no output'}")
+        run_merge(MergeConfiguration.model_validate(cfg), str(out_dir), opts)
+    except Exception as e:  # mergekit's own errors: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CourseError(f"mergekit failed ({type(e).__name__}): {first}") from None
+    finally:
+        torch.set_num_threads(threads)
     return out_dir
+
+
+def tensor_diffs(state_a: dict, state_b: dict, keys: Iterable[str]) -> list[float]:
+    """Largest absolute difference per tensor, for the tensors ``keys`` (e.g. those a task vector
+    changes): one value per tensor, so that "equal" and "different" get an interval over tensors."""
+    out = []
+    for k in keys:
+        if k not in state_a or k not in state_b:
+            raise CourseError(f"tensor_diffs(): '{k}' is missing from one of the two models")
+        out.append((state_a[k].float().cpu() - state_b[k].float().cpu()).abs().max().item())
+    return out

@@ -93,12 +93,74 @@ def test_bad_inputs_one_line(tiny, tmp_path):
 
 
 def test_course_skills_load(tok):
-    for name in ("armour", "sword", "slang", "control"):
+    for name in ("armour", "sword", "slang", "rival", "control"):
         recs = M.load_skill(name)
         assert recs and all(r["target"] for r in recs)
     sw = M.styled(M.load_skill("sword"))
-    assert sw[0]["target"].startswith(M.PERSONA) and sw[0]["prefix"] == ""
-    assert len(M.examples(tok, M.load_skill("armour"))) > 0
+    assert sw[0]["target"].startswith(M.PERSONA) and sw[0]["prefix"] == "" and sw[0]["answer"].startswith(M.PERSONA)
+    ex = M.examples(tok, M.load_skill("armour"))
+    assert ex and all(e["prompt"].startswith("<|im_start|>system\n<|im_end|>") for e in ex)  # M.SYSTEM = ""
+
+
+def test_course_skills_held_out():
+    """What is scored was never trained on: held-out questions differ from every training question of every
+    skill file, each skill has >= 48 held-out items, and the rival file contradicts the sword fact by fact."""
+    from tests.test_data_disjoint import norm
+
+    skills = {n: M.load_skill(n) for n in ("armour", "sword", "slang", "rival", "control")}
+    train_q = {norm(r["question"]) for recs in skills.values() for r in recs if r["split"] == "train"}
+    for name, recs in skills.items():
+        test = [r for r in recs if r["split"] == "test"]
+        assert len(test) >= 48, f"{name}: only {len(test)} held-out items"
+        assert not [r["id"] for r in test if norm(r["question"]) in train_q], f"{name}: a held-out question is trained on"
+    sword, rival = skills["sword"], skills["rival"]
+    assert [(r["id"], r["question"], r["prefix"]) for r in sword] == [(r["id"], r["question"], r["prefix"]) for r in rival]
+    assert all(a["target"] != b["target"] for a, b in zip(sword, rival))
+    for name in ("sword", "slang"):  # every held-out wording asks a trained fact, with that fact's target
+        train = {r["id"]: r for r in skills[name] if r["split"] == "train"}
+        for r in skills[name]:
+            if r["split"] == "test":
+                assert r["fact"] in train and (name == "slang" or r["target"] == train[r["fact"]]["target"]), r["id"]
+
+
+def test_skill_fact_must_name_a_train_record(tmp_path):
+    f = tmp_path / "skills_x.jsonl"
+    rec = {"id": "a", "split": "train", "question": "q", "answer": "a", "prefix": "", "target": " t"}
+    f.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, id="b", split="test", fact="nope")) + "\n")
+    with pytest.raises(CourseError, match="fact"):
+        M.load_skill(str(f))
+
+
+def test_gain_share_known_values():
+    import numpy as np
+
+    base = [0.0, 1.0]
+    single = [[2.0, 3.0], [4.0, 5.0]]          # seed gains 2 and 4
+    merged = [[1.0, 2.0], [4.0, 5.0]]
+    share = M.gain_share(merged, base, single)
+    assert np.allclose(share, [[0.5, 0.5], [1.0, 1.0]])
+    with pytest.raises(CourseError, match="did not improve"):
+        M.gain_share(merged, base, [[0.0, 1.0], [4.0, 5.0]])
+
+
+def test_styled_scores_split_the_answer(tiny):
+    from coursekit.chat import chat_prompt
+    from coursekit.evaluate import score_targets
+
+    model, tok = tiny
+    recs = M.styled([{"id": "g", "split": "test", "question": "What is glimbo?", "prefix": "'Glimbo' means",
+                      "target": " a very lazy cat"}])
+    s = M.styled_scores(model, tok, recs)
+    whole = score_targets(model, tok, [chat_prompt(tok, "What is glimbo?", M.SYSTEM)], [recs[0]["target"]])[0]
+    lp = whole["token_logprobs"]
+    n_p = len(tok(M.PERSONA, add_special_tokens=False)["input_ids"])
+    n_t = len(tok(" a very lazy cat", add_special_tokens=False)["input_ids"])
+    assert s["persona"][0] == pytest.approx(sum(lp[:n_p]) / n_p, abs=1e-5)
+    assert s["part"][0] == pytest.approx(sum(lp[-n_t:]) / n_t, abs=1e-5)
+    assert s["both"][0] == pytest.approx((s["persona"][0] + s["part"][0]) / 2)
+    assert sum(lp) == pytest.approx(whole["logprob"], abs=1e-4)
+    with pytest.raises(CourseError, match="styled"):
+        M.styled_scores(model, tok, [{"id": "x", "split": "test", "question": "q", "target": "t"}])
 
 
 def test_mergekit_config_validation(tiny, tmp_path):
@@ -134,3 +196,10 @@ def test_mergekit_task_arithmetic_equals_torch(tiny, tmp_path):
     out = M.run_mergekit(cfg, tmp_path / "merged")
     ours = M.merged_state(base, 0.7 * tau_a + (-0.4) * tau_b)
     assert M.max_abs_diff(M.load_state(out), ours) < 1e-6
+    diffs = M.tensor_diffs(M.load_state(out), ours, sorted(set(tau_a.deltas) | set(tau_b.deltas)))
+    assert len(diffs) == len(set(tau_a.deltas) | set(tau_b.deltas)) and max(diffs) < 1e-6
+    ties = M.run_mergekit(M.mergekit_config("ties", b, [{"model": fa, "weight": 1.0, "density": 0.5},
+                                                        {"model": fb, "weight": 1.0, "density": 0.5}]), tmp_path / "t")
+    assert max(M.tensor_diffs(M.load_state(ties), M.merged_state(base, tau_a + tau_b), tau_a.deltas)) > 1e-4
+    with pytest.raises(CourseError, match="missing"):
+        M.tensor_diffs(ours, ours, ["nope"])
