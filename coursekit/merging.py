@@ -367,7 +367,7 @@ def max_abs_diff(state_a: dict, state_b: dict) -> float:
     common = [k for k in state_a if k in state_b and state_a[k].is_floating_point()]
     if not common:
         raise CourseError("max_abs_diff(): the two models share no weight names")
-    return max((state_a[k].float().cpu() - state_b[k].float().cpu()).abs().max().item() for k in common)
+    return max(tensor_diffs(state_a, state_b, common))
 
 
 # ------------------------------------------------------------------ mergekit
