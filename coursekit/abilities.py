@@ -67,14 +67,11 @@ def _answer_logprobs(model, tok, prompts: Sequence[list[int]], answers: Sequence
     batched by length with right padding; yields ``(index, logp)`` (not in index order)."""
     import torch
 
-    from .chat import length_batches
-    from .evaluate import logits_at, pad_right
+    from .evaluate import span_logits
 
-    for idx in length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], batch_size):
-        ids, att = pad_right(tok, [prompts[i] + answers[i] for i in idx])
-        spans = [(len(prompts[i]) - 1, len(prompts[i]) + len(answers[i]) - 1) for i in idx]
-        for i, lg in zip(idx, logits_at(model, ids, att, spans)):
-            yield i, torch.log_softmax(lg, -1)
+    for i, lg in span_logits(model, tok, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts],
+                             batch_size):
+        yield i, torch.log_softmax(lg, -1)
 
 
 @dataclass

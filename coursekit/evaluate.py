@@ -43,20 +43,71 @@ def pad_right(tok, seqs: Sequence[list[int]]):
     return ids, att
 
 
-def logits_at(model, ids, att, spans: Sequence[tuple[int, int]]) -> list:
+def logits_at(model, ids, att, spans: Sequence[tuple[int, int]], prefix=None) -> list:
     """Float32 next-token logits of row ``i`` at positions ``spans[i] = (start, end)`` only.
 
     Runs the decoder once and applies the output layer only where a score is needed: the vocabulary
     projection of every padded position (49k columns) is a third of a scoring pass on SmolLM2 and teaches
-    nothing."""
+    nothing. ``prefix``: the key/value cache of tokens that precede every row (:func:`prefix_cache`);
+    ``ids`` then continue it and ``spans`` count from its end."""
+    import copy
+
     import torch
 
     dev = _device(model)
+    kw: dict = {"use_cache": False}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(ids.shape[0])
+        k = cache.get_seq_length()
+        att = torch.cat([torch.ones(ids.shape[0], k, dtype=att.dtype), att], 1)
+        kw = {"past_key_values": cache, "use_cache": True,
+              "position_ids": (k + torch.arange(ids.shape[1]))[None].expand(ids.shape[0], -1).to(dev)}
     with torch.no_grad():
-        hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
+        hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw).last_hidden_state
         rows = torch.cat([hidden[i, a:b] for i, (a, b) in enumerate(spans)])
         logits = model.get_output_embeddings()(rows).float()
     return list(torch.split(logits, [b - a for a, b in spans]))
+
+
+MIN_SHARED_PREFIX = 4  # below this, a separate prefix pass saves less than it costs
+
+
+def shared_prefix(seqs: Sequence[list[int]], limit: int) -> int:
+    """Length of the leading run of tokens that every sequence in ``seqs`` shares, at most ``limit``."""
+    k, first = 0, seqs[0]
+    while k < limit and all(len(s) > k and s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+def prefix_cache(model, prefix: list[int]):
+    """The decoder's key/value cache after ``prefix`` (one row), for :func:`logits_at`."""
+    import torch
+
+    with torch.no_grad():
+        return model.get_decoder()(input_ids=torch.tensor([prefix], device=_device(model)),
+                                   use_cache=True).past_key_values
+
+
+def span_logits(model, tok, seqs: Sequence[list[int]], starts: Sequence[int], batch_size: int = 16,
+                share_prefix: bool = True):
+    """Yield ``(i, logits)``: the float32 logits that predict ``seqs[i][starts[i]:]`` (teacher forced), batched
+    by length with right padding, in batch order (not index order).
+
+    Scored prompts share a chat template: SmolLM2's system block is the same 8-30 tokens in front of every
+    item. That run goes through the decoder once per call and every batch continues from a copy of its
+    key/value cache (``share_prefix=False`` recomputes it per row): same numbers up to float rounding
+    (tested), a quarter to a third fewer decoder tokens on the course's items."""
+    if any(not 0 < a < len(s) for a, s in zip(starts, seqs)):
+        raise CourseError("span_logits(): every start must fall inside its sequence, after its first token")
+    k = shared_prefix(seqs, min(starts) - 1) if share_prefix else 0
+    pre = prefix_cache(model, list(seqs[0][:k])) if k >= MIN_SHARED_PREFIX else None
+    k = k if pre is not None else 0
+    for idx in length_batches([len(s) - k for s in seqs], batch_size):
+        ids, att = pad_right(tok, [seqs[i][k:] for i in idx])
+        spans = [(starts[i] - 1 - k, len(seqs[i]) - 1 - k) for i in idx]
+        yield from zip(idx, logits_at(model, ids, att, spans, pre))
 
 
 def _encode_pairs(tok, prompts: Sequence[str], target_sets: Sequence[Sequence[str]], caller: str):
@@ -99,11 +150,8 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     """
     P, (T,) = _encode_pairs(tok, prompts, [targets], "score_targets")
     out: list = [None] * len(P)
-    for idx in length_batches([len(p) + len(t) for p, t in zip(P, T)], batch_size):
-        ids, att = pad_right(tok, [P[i] + T[i] for i in idx])
-        spans = [(len(P[i]) - 1, len(P[i]) + len(T[i]) - 1) for i in idx]
-        for i, lg in zip(idx, logits_at(model, ids, att, spans)):
-            out[i] = _target_score(lg, T[i])
+    for i, lg in span_logits(model, tok, [p + t for p, t in zip(P, T)], [len(p) for p in P], batch_size):
+        out[i] = _target_score(lg, T[i])
     return out
 
 

@@ -342,3 +342,23 @@ def test_generate_ids_keeps_prompt_order_across_length_batches(tiny):
     alone = [ck.chat.generate_ids(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
     batched = ck.chat.generate_ids(model, tok, prompts, max_new_tokens=5, batch_size=2)
     assert batched == alone and len({tuple(a) for a in alone}) > 1
+
+
+def test_span_logits_shared_prefix_equals_full_pass(tiny):
+    """The shared leading tokens (a chat template's system block) run once and every batch continues from a
+    copy of their key/value cache: the same logits as running every row from its first token."""
+    import torch
+
+    model, tok = tiny
+    head = tok("<|im_start|>system\nYou are kind.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    rows = [head + tok(t, add_special_tokens=False)["input_ids"]
+            for t in ("Hi there, friend", "A much longer question with several more words in it", "B c")]
+    starts = [len(head) + 2, len(head) + 1, len(head) + 1]
+    assert evaluate.shared_prefix(rows, 100) >= len(head) >= evaluate.MIN_SHARED_PREFIX
+    got = dict(evaluate.span_logits(model, tok, rows, starts, batch_size=2))
+    ref = dict(evaluate.span_logits(model, tok, rows, starts, batch_size=1, share_prefix=False))
+    for i, s in enumerate(rows):
+        assert got[i].shape == ref[i].shape == (len(s) - starts[i], model.config.vocab_size)
+        assert torch.allclose(got[i], ref[i], atol=1e-4, rtol=1e-4)
+    with pytest.raises(CourseError, match="start must fall inside"):
+        list(evaluate.span_logits(model, tok, rows, [0, 1, 1]))
