@@ -123,6 +123,15 @@ HIDDEN_TESTS: dict[str, str] = {
         _hout = apply_task_vectors(_hb, [{"w": _ht.tensor([1.0, 0.0])}, {"w": _ht.tensor([0.0, 2.0])}], [2.0, 0.5])
         assert _ht.allclose(_hout["w"], _ht.tensor([3.0, 2.0])) and _ht.allclose(_hb["w"], _ht.tensor([1.0, 1.0]))
     """,
+    "check_smallest_lambda": """
+        _hl = smallest_lambda(lambda lam: {1.0: 5.0, 3.0: 0.4, 2.0: 0.9, 4.0: 0.0}[lam], [4.0, 2.0, 3.0, 1.0], 5.0)
+        assert _hl == 3.0
+    """,
+    "check_ties_merge": """
+        import torch as _ht
+        _hd = ties_merge([_ht.tensor([3.0, -1.0, 0.2, 2.0]), _ht.tensor([-1.0, -4.0, 0.1, 2.0])], 0.5)
+        assert _ht.allclose(_hd, _ht.tensor([3.0, -4.0, 0.0, 2.0]))
+    """,
     "check_entropy_loss": """
         import torch as _ht
         _hz = _ht.tensor([[0.0, 0.0], [0.0, 1.0986123]])
@@ -446,9 +455,13 @@ def generate(src_dir: Path = Path("notebooks"), course: Path = DEFAULT_COURSE, o
 
 
 def _assignment_for(stem: str, assignments: list[str]) -> str | None:
-    """A submitted file's assignment: its own name, else the one with the same two-digit number."""
+    """A submitted file's assignment: its own name, else the longest one it starts with (``05_model_merging (1)``),
+    else the only one with the same two-digit number."""
     if stem in assignments:
         return stem
+    prefixed = sorted((a for a in assignments if stem.startswith(a)), key=len)
+    if prefixed:
+        return prefixed[-1]
     m = re.match(r"(\d\d)[_ -]", stem)
     hits = [a for a in assignments if m and a.startswith(m.group(1) + "_")]
     return hits[0] if len(hits) == 1 else None

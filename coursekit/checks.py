@@ -229,6 +229,60 @@ def check_apply_task_vectors(fn: Callable) -> None:
     _ok(name, len(base) + 1)
 
 
+def check_smallest_lambda(fn: Callable) -> None:
+    """``fn(gain_after, lams, gain, frac=0.1) -> λ``: the smallest λ in ``lams`` whose remaining gain
+    ``gain_after(λ)`` is at most ``frac * gain``; the largest λ when none is."""
+    name = "smallest_lambda"
+    lams = [2.0, 1.5, 0.5, 1.0]  # not sorted on purpose
+    smallest = ("return the *smallest* λ (in increasing order) that removes enough: a larger λ removes more of the "
+                "skill but costs the other abilities more")
+    cases = [  # (remaining gain per λ, gain, expected λ, {a usual wrong answer: what it means})
+        ({0.5: 0.5, 1.0: 0.2, 1.5: 0.0, 2.0: -0.5}, 10.0, 0.5,
+         {1.5: "the threshold is frac * gain (10% of the gain), not frac itself", 2.0: smallest}),
+        ({0.5: 2.5, 1.0: 0.3, 1.5: 0.35, 2.0: -1.0}, 4.0, 1.0, {2.0: smallest}),
+        ({0.5: 3.0, 1.0: 3.0, 1.5: 3.0, 2.0: 3.0}, 4.0, 2.0, {None: "when no λ removes enough, return the largest λ"}),
+    ]
+    for table, gain, want, hints in cases:
+        got = _call(name, fn, lambda lam, t=table: t[lam], list(lams), gain)
+        if got != want:
+            hint = hints.get(got) if isinstance(got, (float, int, type(None))) else None
+            raise CheckFailed(f"{name}: expected λ = {want}, got {got!r}" + (f" — {hint}" if hint else ""))
+    _ok(name, len(cases))
+
+
+def check_ties_merge(fn: Callable) -> None:
+    """``fn(taus, density) -> delta``: TIES for one weight — keep each τ's largest-|entry| fraction ``density``,
+    elect a sign per entry (sign of the sum of the kept values), average the kept entries that agree with it.
+    Compared with mergekit's own functions (``mergekit.sparsify.magnitude`` and ``get_mask(..., "sum")``)."""
+    import torch
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import magnitude
+
+    name = "ties_merge"
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(6, 5, generator=g) * s for s in (1.0, 0.5, 2.0)]
+    density = 0.4
+    kept = torch.stack([magnitude(t, density) for t in taus])
+    mask = get_mask(kept, "sum")
+    want = (kept * mask).sum(0) / mask.sum(0).clamp_min(1)
+    got = _call(name, fn, [t.clone() for t in taus], density)
+    if not isinstance(got, torch.Tensor) or got.shape != taus[0].shape:
+        raise CheckFailed(f"{name}: return one tensor shaped like each τ {tuple(taus[0].shape)}")
+    full = torch.stack(taus)
+    wrong = {
+        "trim each τ first: keep only its largest |entries| (a fraction `density` of them)":
+            (full * get_mask(full, "sum")).sum(0) / get_mask(full, "sum").sum(0).clamp_min(1),
+        "divide by the number of kept entries that agree with the elected sign, not by the number of vectors":
+            (kept * mask).sum(0) / len(taus),
+        "elect one sign per entry and drop the kept entries that disagree with it":
+            kept.sum(0) / (kept != 0).sum(0).clamp_min(1),
+    }
+    if not _close(got, want):
+        hint = next((h for h, w in wrong.items() if _close(got, w)), "compare with the three steps in the docstring")
+        raise CheckFailed(f"{name}: differs from mergekit's TIES — {hint}")
+    _ok(name, 1 + len(wrong))
+
+
 # ------------------------------------------------------------------ 06: test-time training
 def check_entropy_loss(fn: Callable) -> None:
     """``fn(logits[N,C]) -> scalar``: mean Shannon entropy (nats) of softmax(logits) over rows."""

@@ -339,6 +339,17 @@ def finetune_vector(model, tok, base: dict, key: str, records: Sequence[dict], s
         restore(model, base)
 
 
+def smallest_lambda(gain_after: Callable[[float], float], lams: Sequence[float], gain: float,
+                    frac: float = 0.1) -> float:
+    """The smallest λ of ``lams`` whose remaining gain ``gain_after(λ)`` is at most ``frac * gain`` (the largest
+    λ when none is): remove *enough* of a skill with as little subtraction as possible, since a larger λ also
+    costs the other abilities more. Exercise 05.3; choose it on a validation half, judge on a test half."""
+    for lam in sorted(lams):
+        if gain_after(lam) <= frac * gain:
+            return lam
+    return max(lams)
+
+
 def save_folder(model, tok, base: dict, tau: TaskVector | None, folder: str | Path, lam: float = 1.0) -> Path:
     """Save ``base + lam*tau`` as a safetensors model folder (for mergekit); the model is left at
     those weights. With ``tau=None`` the base itself is saved."""

@@ -148,6 +148,16 @@ def test_diagnoses():
     _fails(c.check_rank_one_update, lambda W, k, v, C: W + torch.outer(v - W @ k, k) / (k @ k), "C = I")
     _fails(c.check_task_vector, lambda ft, base: {k: base[k] - ft[k] for k in base}, "sign flipped")
     _fails(c.check_apply_task_vectors, lambda base, taus, lams: {k: base[k] + sum(t[k] for t in taus) for k in base}, "λ")
+    _fails(c.check_smallest_lambda, lambda ga, lams, gain, frac=0.1: max(lams), "smallest")
+    _fails(c.check_smallest_lambda, lambda ga, lams, gain, frac=0.1: next((x for x in sorted(lams) if ga(x) <= frac), None),
+           "frac * gain")
+
+    def ties_without_trim(taus, density):
+        x = torch.stack(taus)
+        agree = x.sign() == torch.where(x.sum(0) >= 0, 1.0, -1.0)
+        return (x * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+    _fails(c.check_ties_merge, ties_without_trim, "trim")
     _fails(c.check_entropy_loss, lambda lg: (lg.softmax(-1) * lg.log_softmax(-1)).sum(-1).mean(), "minus sign")
     _fails(c.check_covariance, lambda K: torch.cov(K.T), "UNCENTRED")
     _fails(c.check_mcc_loss, lambda lg, T: torch.tensor(0.0), "expected")
@@ -166,3 +176,12 @@ def test_reference_implementations_pass(capsys):
     c.check_entropy_loss(ttt.entropy_loss)
     c.check_mcc_loss(ttt.mcc_loss)
     assert capsys.readouterr().out.count("✓") == 5
+
+
+def test_submission_names_find_their_assignment():
+    names = ["05_model_merging", "05_negation_and_mergekit", "06_test_time_training"]
+    find = assignments._assignment_for
+    assert find("05_model_merging (1)", names) == "05_model_merging"
+    assert find("05_negation_and_mergekit-copy", names) == "05_negation_and_mergekit"
+    assert find("06 my work", names) == "06_test_time_training"
+    assert find("05 my work", names) is None  # two assignments share the number: no guess
