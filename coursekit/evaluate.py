@@ -99,6 +99,8 @@ def span_logits(model, tok, seqs: Sequence[list[int]], starts: Sequence[int], ba
     item. That run goes through the decoder once per call and every batch continues from a copy of its
     key/value cache (``share_prefix=False`` recomputes it per row): same numbers up to float rounding
     (tested), a quarter to a third fewer decoder tokens on the course's items."""
+    if not seqs:
+        return
     if any(not 0 < a < len(s) for a, s in zip(starts, seqs)):
         raise CourseError("span_logits(): every start must fall inside its sequence, after its first token")
     k = shared_prefix(seqs, min(starts) - 1) if share_prefix else 0

@@ -362,3 +362,4 @@ def test_span_logits_shared_prefix_equals_full_pass(tiny):
         assert torch.allclose(got[i], ref[i], atol=1e-4, rtol=1e-4)
     with pytest.raises(CourseError, match="start must fall inside"):
         list(evaluate.span_logits(model, tok, rows, [0, 1, 1]))
+    assert evaluate.score_targets(model, tok, [], []) == []  # nothing to score: nothing to do
