@@ -248,6 +248,18 @@ def claim(claim_id: str, *effects: Effect, note: str = "") -> Claim:
 
 # ------------------------------------------------------------------ the ledger
 
+def plot_effects(ax, effects: Sequence[Effect], title: str = "") -> None:
+    """One row per effect on a matplotlib axis: its estimate with the 95% interval as error bar, and the
+    threshold fixed before the run as a red tick."""
+    ax.errorbar([e.estimate for e in effects], range(len(effects)), fmt="o",
+                xerr=[[e.estimate - e.low for e in effects], [e.high - e.estimate for e in effects]])
+    for i, e in enumerate(effects):
+        ax.plot([e.null], [i], "|", color="tab:red", ms=14)
+    ax.set_yticks(range(len(effects)), [e.name.replace("_", " ") for e in effects], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+
+
 def ledger(results: Sequence[dict]) -> str:
     """One row per lecture claim (C0..C21) from ``COURSEKIT_RESULT`` payloads; claims no notebook has
     measured on the evidence standard yet are listed as such."""

@@ -128,3 +128,16 @@ def test_a_stale_build_does_not_hide_newer_committed_notebooks(tmp_path):
     os.utime(ex, (nb.stat().st_mtime + 60,) * 2)
     paths, source = default_paths(tmp_path)
     assert paths == [ex] and "make course" in source
+
+
+def test_plot_effects_draws_one_row_per_effect():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    effects = [ev.effect("a_b", [[1.0, 2.0, 3.0]] * 3, "greater"), ev.effect("c", [[-1.0, 0.0, 0.5]] * 3, "less", null=1)]
+    fig, ax = plt.subplots()
+    ev.plot_effects(ax, effects, "t")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a b", "c"] and ax.get_title() == "t"
+    plt.close(fig)
