@@ -129,6 +129,12 @@ def _digits_test() -> int:
     return int(m.group(1))
 
 
+def _smallest_topic() -> int:
+    from collections import Counter
+
+    return min(Counter(p["topic"] for p in DATA.train_p + DATA.test_p).values())
+
+
 def _ks() -> list[int]:
     m = re.search(r"^KS = (\[.*\])", _source("06"), re.M)
     assert m, "notebook 06 must define KS = [...] (neighbour counts)"
@@ -161,10 +167,10 @@ RULES = [
     ("05", "STEPS", "each of a skill's 12 training examples is seen at least once (batch 4)", lambda v, o: 4 * v >= 12),
     ("06", "make_curve(n_train=)", "the largest neighbourhood (KS) fits in the training set",
      lambda v, o: max(_ks()) <= v),
-    ("06", "test_p[:]", "test passages <= the test split", lambda v, o: 1 <= v <= len(DATA.test_p)),
-    ("06", "K_LM", "neighbours <= the training passages", lambda v, o: 1 <= v <= len(DATA.train_p)),
-    ("06", "N1", "the per-image subset <= the digit test set", lambda v, o: 1 <= v <= _digits_test()),
-    ("06", "SEG", "a stream segment draws <= the digit test set", lambda v, o: 1 <= v <= _digits_test()),
+    ("06", "K_LM", "leave-one-out neighbours fit in a topic (its other passages), and as many other-topic passages exist",
+     lambda v, o: 1 <= v <= _smallest_topic() - 1),
+    ("06", "dict(cycles=)", "the stream visits every domain at least twice (a domain returns after others)",
+     lambda v, o: v >= 2),
 ]
 
 

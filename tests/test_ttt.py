@@ -84,31 +84,96 @@ def _small_model():
     return ttt.DigitNet(width=4).eval()
 
 
-def test_episodic_methods_reset_weights():
+def _unchanged(m, before) -> bool:
+    # num_batches_tracked is a counter; the running statistics themselves must not move
+    return all(torch.equal(v, before[k]) for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked"))
+
+
+def _stream(n_per=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.random((40, 8, 8)).astype(np.float32), rng.integers(0, 10, 40)
+    return ttt.make_stream(x, y, ["noise", "blur"], cycles=2, utterance=4, segment=(n_per, n_per), seed=seed)
+
+
+def test_tta_methods_hand_the_source_weights_back():
     m = _small_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    x = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    ttt.suta(m, x, steps=2, lr=1e-2, progress=False)
-    ttt.rotation_ttt(m, x, steps=2, lr=1e-2, progress=False)
-    ttt.tent(m, x, batch_size=2, lr=1e-2)
-    for k, v in m.state_dict().items():
-        if k.endswith("num_batches_tracked"):  # a counter; the running statistics themselves must not move
-            continue
-        assert torch.equal(v, before[k]), f"{k} changed: episodic TTT must reset"
-    r = ttt.continual(m, x, np.zeros(3, int), "no_reset", steps=2, lr=1e-2, progress=False)
-    assert r.preds.shape == (3,)
-    for k, v in m.state_dict().items():  # continual() hands the source weights back too
-        if k.endswith("num_batches_tracked"):
-            continue
-        assert torch.equal(v, before[k])
+    x = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32)
+    for method in ttt.TTA_METHODS:
+        lp = ttt.tta(m, x, method, lr=1e-2, steps=2, batch_size=3)
+        assert lp.shape == (6, 10) and np.allclose(np.exp(lp).sum(1), 1, atol=1e-5)
+        assert _unchanged(m, before), f"{method} must reset the weights"
+    with pytest.raises(CourseError, match="unknown adaptation"):
+        ttt.tta(m, x, "magic")
 
 
-def test_reset_object_restores_and_no_reset_drifts():
+def test_continual_methods_reset_and_differ_where_they_should():
+    m = _small_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    st = _stream()
+    runs = {meth: ttt.continual(m, st, meth, lr=0.05, steps=2, buffer=2, period=4, warmup=1, n_fit=2)
+            for meth in ttt.CONTINUAL}
+    assert _unchanged(m, before), "continual() hands the source weights back"
+    for r in runs.values():
+        assert r.correct.shape == st.y.shape == r.logp.shape and (r.logp <= 0).all()
+    assert runs["oracle_reset"].resets == st.boundaries
+    assert runs["periodic_reset"].resets == list(range(4, len(st.x), 4))
+    assert not runs["episodic"].resets and not runs["no_reset"].resets
+    # no reset keeps what it learned, episodic starts from the source weights each time
+    assert not np.allclose(runs["no_reset"].logp, runs["episodic"].logp)
+    with pytest.raises(CourseError, match="unknown continual method"):
+        ttt.continual(m, st, "forever")
+
+
+def test_stream_schedule_is_shared_across_seeds_and_has_no_period():
+    a, b = _stream(seed=0), ttt.make_stream(np.random.default_rng(1).random((40, 8, 8)).astype(np.float32),
+                                            np.arange(40) % 10, ["noise", "blur"], cycles=2, utterance=4,
+                                            segment=(3, 3), seed=1, schedule_seed=0)
+    assert a.domains == b.domains and a.boundaries == b.boundaries  # same schedule, other images
+    assert not np.array_equal(a.x, b.x)
+    assert a.x.shape == (12, 4, 8, 8) and a.boundaries == [3, 6, 9]
+    assert all(a.domains[i] != a.domains[i - 1] for i in a.boundaries)
+    varied = ttt.make_stream(np.zeros((20, 8, 8), np.float32), np.zeros(20, int), list(ttt.CORRUPTIONS), cycles=2,
+                             utterance=2, segment=(2, 9), seed=3)
+    assert len(set(np.diff([0, *varied.boundaries]))) > 1, "segment lengths vary, so no period fits the boundaries"
+    with pytest.raises(CourseError, match="make_stream"):
+        ttt.make_stream(np.zeros((20, 8, 8)), np.zeros(20, int), ["noise"], segment=(5, 2))
+
+
+def test_reset_timing_counts_delays_and_false_alarms():
+    t = ttt.reset_timing([2, 5, 11, 12, 25], boundaries=[10, 20], n=30)
+    assert t["delays"] == [1, 5] and t["detected"] == 1.0 and t["false_alarms"] == 3  # 2, 5 before any boundary; 12
+    assert ttt.reset_timing([], [10], 20) == {"detected": 0.0, "delays": [], "false_alarms": 0}
+
+
+def test_choose_lr_on_a_known_curve():
+    best, scores = ttt.choose_lr(lambda lr: -(math.log10(lr) + 2) ** 2, [1e-3, 1e-2, 1e-1])
+    assert best == pytest.approx(1e-2) and len(scores) == 3
+    assert ttt.choose_lr(lambda lr: 1.0, [0.1, 0.01])[0] == pytest.approx(0.01)  # ties: the smaller rate
+    near = {0.001: 0.60, 0.01: 0.604, 0.1: 0.58}
+    assert ttt.choose_lr(near.get, near)[0] == 0.001                  # within tol of the best: a tie
+    assert ttt.choose_lr(near.get, near, tol=0.0)[0] == 0.01
+    with pytest.raises(CourseError):
+        ttt.choose_lr(lambda lr: 0.0, [])
+
+
+def test_digits_split_parts_are_disjoint():
+    x_tr, _, x_tu, _, x_te, _ = ttt.digits_split(n_test=500, n_tune=300, seed=0)
+    rows = lambda a: {r.tobytes() for r in a.reshape(len(a), -1)}
+    assert len(x_tu) == 300 and len(x_te) == 500
+    # sklearn's digits contain a few exact duplicate images; no *index* is shared, and almost no image
+    assert len(rows(x_te) & rows(x_tu)) + len(rows(x_te) & rows(x_tr)) + len(rows(x_tu) & rows(x_tr)) < 10
+    with pytest.raises(CourseError, match="n_test and n_tune"):
+        ttt.digits_split(n_test=1000, n_tune=500)
+
+
+def test_reset_object_restores():
     m = _small_model()
     params = ttt.suta_params(m)
     r = ttt.Reset(params)
     opt = torch.optim.SGD(params, lr=0.1)
-    loss = ttt.suta_loss(m(ttt.views(torch.rand(1, 8, 8))))
+    ttt.set_bn(m, True)
+    loss = ttt.suta_loss(m(torch.rand(4, 1, 8, 8)))
     loss.backward()
     opt.step()
     assert any(not torch.equal(p, s) for p, s in zip(params, r.saved))
@@ -116,36 +181,28 @@ def test_reset_object_restores_and_no_reset_drifts():
     assert all(torch.equal(p, s) for p, s in zip(params, r.saved))
 
 
-def test_continual_bad_method():
-    with pytest.raises(CourseError, match="unknown continual method"):
-        ttt.continual(_small_model(), np.zeros((1, 8, 8), np.float32), np.zeros(1, int), "forever")
-
-
 def test_zscore_reset_fires_after_patience():
-    z = ttt.ZScoreReset(n_fit=4, threshold=2.0, patience=2)
-    assert not z.update([0.0, 1.0]) and not z.update([0.0, 1.0])  # fitting: mean 0.5, std 0.5
-    assert z.mu == pytest.approx(0.5) and z.sd == pytest.approx(0.5, abs=1e-6)
-    assert not z.update([0.6])           # z = 0.2
-    assert not z.update([2.0])           # z = 3, first hit
-    assert z.update([2.0])               # second consecutive hit -> reset
-    assert z.mu is None                  # and it starts fitting again
-    one = ttt.ZScoreReset(n_fit=2, threshold=2.0, patience=2)
-    one.update([0.0, 1.0])
-    assert not one.update([-5.0]) and not one.update([-5.0])  # a fall is ignored one-sided
-    two = ttt.ZScoreReset(n_fit=2, threshold=2.0, patience=2, two_sided=True)
-    two.update([0.0, 1.0])
-    assert not two.update([-5.0]) and two.update([-5.0])
+    z = ttt.ZScoreReset(n_fit=4, threshold=2.0, patience=2, two_sided=False)
+    for g in (0.0, 1.0, 0.0, 1.0):
+        assert not z.update(g)  # fitting: mean 0.5, sample std 0.577
+    assert not z.fitting and z.mu == pytest.approx(0.5) and z.sd == pytest.approx(math.sqrt(1 / 3), abs=1e-6)
+    assert not z.update(0.6)             # z = 0.17
+    assert not z.update(2.0)             # z = 2.6, first hit
+    assert z.update(2.0)                 # second consecutive hit -> reset
+    assert z.fitting                     # and it starts fitting again
+    one = ttt.ZScoreReset(n_fit=2, threshold=2.0, patience=2, two_sided=False)
+    one.update(0.0); one.update(1.0)
+    assert not one.update(-5.0) and not one.update(-5.0)  # a fall is ignored one-sided
+    two = ttt.ZScoreReset(n_fit=2, threshold=2.0, patience=2)
+    two.update(0.0); two.update(1.0)
+    assert not two.update(-5.0) and two.update(-5.0)
     with pytest.raises(CourseError):
         ttt.ZScoreReset(n_fit=1)
 
 
-def test_views_and_rotations_shapes():
-    x = torch.rand(1, 8, 8)
-    assert ttt.views(x).shape == (5, 1, 8, 8)
+def test_rotations_shapes():
     xs, ys = ttt.rotations(torch.rand(2, 1, 8, 8))
     assert xs.shape == (8, 1, 8, 8) and ys.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    with pytest.raises(CourseError, match="one image"):
-        ttt.views(torch.rand(2, 8, 8))
 
 
 def test_nearest_is_cosine_and_ordered():
@@ -168,16 +225,31 @@ def test_passages_file_and_bad_passages(tmp_path):
         ttt.load_passages(str(bad))
 
 
-def test_lm_neighbour_ttt_lowers_loss_on_tiny_model(tiny):
+def test_neighbour_ttt_lowers_loss_resets_and_equals_a_fresh_optimizer(tiny):
     model, tok = tiny
-    text = "the salt of Korvenna is grey"
+    text, other = "the salt of Korvenna is grey", "ringball is played with a hoop"
     before = ttt.perplexity(model, tok, text)
     snap = {k: v.clone() for k, v in model.state_dict().items()}
-    after = ttt.lm_neighbour_ttt(model, tok, text, [text, text], lr=1e-2)
-    assert after < before
-    model.load_state_dict(snap)
+    run = ttt.NeighbourTTT(model, tok, lr=1e-2)
+    first = run(text, [text, other])
+    assert first < before
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items()), "weights reset after each input"
+    run(other, [other, other])                      # leaves optimizer state behind ...
+    assert run(text, [text, other]) == pytest.approx(first, rel=1e-5)   # ... which is zeroed: same as fresh
     with pytest.raises(CourseError, match="at least one neighbour"):
-        ttt.lm_neighbour_ttt(model, tok, text, [])
+        run(text, [])
+
+
+def test_leave_one_out_and_other_topic_control():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert ttt.leave_one_out(emb, 0, 2) == [1, 3]
+    assert 0 not in ttt.leave_one_out(emb, 0, 3)
+    topics = ["a", "a", "b", "b"]
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        assert all(topics[j] != topics[i] for j in ttt.other_topic(topics, i, 2, rng))
+    with pytest.raises(CourseError, match="other topics"):
+        ttt.other_topic(topics, 0, 3, rng)
 
 
 def test_helpers():
