@@ -106,7 +106,7 @@ def test_bad_skills_file_one_line(tmp_path):
         fg.load_skills(tmp_path / "broken.json")
 
 
-def test_task_accuracy_and_locality_run_on_tiny(tiny):
+def test_task_accuracy_and_locality_run_on_tiny(tiny, tmp_cache):
     model, tok = tiny
     sk = fg.load_skills()
     acc = fg.task_accuracy(model, tok, sk)
@@ -135,7 +135,7 @@ def test_alignment_stage_caches_and_unfreezes(tiny, tmp_cache):
         fg.alignment_stage(model, tok, sk, steps=0)
 
 
-def test_scoreboard_on_tiny(tiny):
+def test_scoreboard_on_tiny(tiny, tmp_cache):
     from coursekit.data import load_edits
 
     model, tok = tiny
