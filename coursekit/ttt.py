@@ -514,7 +514,8 @@ ADAPT = {
 TTA_METHODS = ("source", "bn_stats", *ADAPT)
 
 
-def _steps(model, params, opt, xb, loss_fn, steps: int) -> None:
+def _steps(model, opt, xb, loss_fn, steps: int) -> None:
+    """``steps`` optimizer steps on ``loss_fn(model, xb)`` (the optimizer holds the parameters it adapts)."""
     for _ in range(steps):
         loss = loss_fn(model, xb)
         opt.zero_grad(set_to_none=True)
@@ -561,7 +562,7 @@ def _tta(model, x, method: str, lr: float = 1e-3, steps: int = 1, batch_size: in
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
             set_bn(model, True)
-            _steps(model, params, opt, xb, loss_fn, steps)
+            _steps(model, opt, xb, loss_fn, steps)
             out.append(_log_probs(model, xb, True))
             if episodic:
                 init()
@@ -761,7 +762,7 @@ class _Continual:
             return _log_probs(self.model, xb, m == "bn_stats")
         keep = Reset(self.params)
         opt = self.opt if m == "no_reset" else torch.optim.Adam(self.params, lr=self.lr)  # the fast model's own
-        _steps(self.model, self.params, opt, xb, lambda mod, b: self.loss(b), self.steps)
+        _steps(self.model, opt, xb, lambda mod, b: self.loss(b), self.steps)
         out = _log_probs(self.model, xb, True)
         if m == "no_reset":
             return out
