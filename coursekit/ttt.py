@@ -507,8 +507,8 @@ class Reset:
 
 # What each adaptation trains and minimises: name -> (parameters of the model, loss(model, batch)).
 ADAPT = {
-    "tent": (lambda m: norm_params(m), lambda m, xb: entropy_loss(m(xb))),
-    "suta": (lambda m: suta_params(m), lambda m, xb: suta_loss(m(xb))),
+    "tent": (norm_params, lambda m, xb: entropy_loss(m(xb))),
+    "suta": (suta_params, lambda m, xb: suta_loss(m(xb))),
     "rotation": (lambda m: list(m.encoder.parameters()), rotation_loss),
 }
 TTA_METHODS = ("source", "bn_stats", *ADAPT)
@@ -762,7 +762,7 @@ class _Continual:
             return _log_probs(self.model, xb, m == "bn_stats")
         keep = Reset(self.params)
         opt = self.opt if m == "no_reset" else torch.optim.Adam(self.params, lr=self.lr)  # the fast model's own
-        _steps(self.model, opt, xb, lambda mod, b: self.loss(b), self.steps)
+        _steps(self.model, opt, xb, ADAPT["suta"][1], self.steps)
         out = _log_probs(self.model, xb, True)
         if m == "no_reset":
             return out
