@@ -70,8 +70,21 @@ def load_counterfact(name: str | Path = "counterfact.jsonl") -> list[dict]:
                 c.fail(f"neighbourhood[{j}]", "must be an object with 'prompt' and 'target'")
             c.string(n, "prompt", label=f"neighbourhood[{j}].prompt")
             c.string(n, "target", label=f"neighbourhood[{j}].target")
+            if n["target"].strip() != t_true.strip():
+                c.fail(f"neighbourhood[{j}].target", f"must be the edit's true object {t_true!r} (CounterFact: "
+                       "neighbours share the relation and the true object, so bleed-over can show)")
+            if subj.lower() in n["prompt"].lower():
+                c.fail(f"neighbourhood[{j}].prompt", f"must be about another subject than '{subj}'")
         out.append(rec)
     return out
+
+
+def edited_neighbours(recs: Sequence[dict]) -> list[tuple[str, str]]:
+    """``(edit id, neighbour prompt)`` pairs where a neighbour prompt names a subject edited in ``recs``
+    (empty for the course's data: sequential edits never score an edited subject as a neighbour)."""
+    subjects = [r["subject"].lower() for r in recs]
+    return [(r["id"], n["prompt"]) for r in recs for n in r["neighbourhood"]
+            if any(s in n["prompt"].lower() for s in subjects)]
 
 
 def request_from_edit(e: dict, tok) -> dict:
@@ -146,9 +159,21 @@ def embedding_sigma(model) -> float:
     return float(model.get_input_embeddings().weight.detach().float().std())
 
 
+POSITIONS = ("subject_first", "subject_last", "first_after", "last")
+
+
+def _position(name, s0: int, s1: int, T: int) -> int:
+    if isinstance(name, int) and -T <= name < T:
+        return name % T
+    where = {"subject_first": s0, "subject_last": s1, "first_after": min(s1 + 1, T - 1), "last": T - 1}
+    if name not in where:
+        raise CourseError(f"unknown trace position {name!r}: use a token index or one of {POSITIONS}")
+    return where[name]
+
+
 def trace_fact(model, tok, prompt: str, subject: str, answer: str | None = None, kinds: Sequence[str] = ("hidden", "mlp", "attn"),
                noise_samples: int = 10, noise: float = 3.0, window: int = 6, seed: int = 0,
-               layer_step: int = 1) -> Trace:
+               layer_step: int = 1, positions: Sequence | None = None, max_rows: int = 240) -> Trace:
     """Causal tracing of one fact (Meng et al. 2022, section 2.1).
 
     Corrupt the subject's token embeddings with N(0, (noise*sigma)^2) noise, ``noise_samples`` times;
@@ -156,7 +181,10 @@ def trace_fact(model, tok, prompt: str, subject: str, answer: str | None = None,
     P(first token of ``answer``) at the last position, averaged over the noise samples.
     ``kinds``: "hidden" restores the residual stream after layer l; "mlp" / "attn" restore the MLP /
     attention outputs of the ``window`` layers centred on l. ``answer`` defaults to the greedy token.
-    ``layer_step`` > 1 traces every n-th layer only (rows in between are NaN) to save time on a CPU.
+    ``layer_step`` > 1 traces every n-th layer only (rows in between are NaN) to save time on a CPU;
+    ``positions`` (names of :data:`POSITIONS` or token indices) restores those tokens only (other
+    columns NaN) — what a figure of the last subject token and the last token needs. Restorations are
+    batched (``max_rows`` sequences per forward pass).
     """
     import numpy as np
     import torch
@@ -249,18 +277,55 @@ def trace_fact(model, tok, prompt: str, subject: str, answer: str | None = None,
         return p.cpu().numpy()
 
     p_corrupt = float(run([None])[0])
+    cols = range(T) if positions is None else sorted({_position(p, s0, s1, T) for p in positions})
+    per_run = max(1, max_rows // noise_samples)
     scores = {}
     for kind in kinds:
         grid = np.full((nL, T), np.nan)
-        for l in range(0, nL, layer_step):
-            if kind == "hidden":
-                ls = [l]
-            else:
-                ls = list(range(max(0, l - window // 2), min(nL, l - window // 2 + window)))
-            grid[l] = run([(kind, ls, t) for t in range(T)])
+        sites = [(l, t) for l in range(0, nL, layer_step) for t in cols]
+        for a in range(0, len(sites), per_run):
+            chunk = sites[a : a + per_run]
+            ls = [[l] if kind == "hidden" else list(range(max(0, l - window // 2), min(nL, l - window // 2 + window)))
+                  for l, _ in chunk]
+            for (l, t), p in zip(chunk, run([(kind, w, t) for w, (_, t) in zip(ls, chunk)])):
+                grid[l, t] = p
         scores[kind] = grid
     return Trace(prompt=prompt, subject=subject, answer=tok.decode([a_id]), tokens=[tok.decode([i]) for i in ids],
                  subject_range=(s0, s1), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores)
+
+
+def trace_facts(model, tok, recs: Sequence[dict], progress: bool = True, cache: bool = True, **kw) -> list[Trace]:
+    """:func:`trace_fact` of every record (prompt, subject, true object; keyword arguments passed on),
+    cached in the course cache as one entry."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from . import cache as course_cache
+
+    facts = [(r["prompt"], r["subject"], r["target_true"]) for r in recs]
+
+    def make() -> list[dict]:
+        out = []
+        for p, s, a in tqdm(facts, desc="causal tracing", disable=not progress, leave=False):
+            tr = trace_fact(model, tok, p, s, a, **kw)
+            out.append(dict(tr.__dict__, scores={k: v.tolist() for k, v in tr.scores.items()}))
+        return out
+
+    rows = course_cache.json("rome/trace", {"facts": facts, **kw}, make, weights=model) if cache else make()
+    return [Trace(**dict(r, subject_range=tuple(r["subject_range"]),
+                         scores={k: np.array(v, dtype=float) for k, v in r["scores"].items()})) for r in rows]
+
+
+def site_effects(traces: Sequence[Trace], kind: str, position="subject_last"):
+    """Indirect effect of restoring ``kind`` at a named position (:data:`POSITIONS`) in every trace:
+    an array ``[facts, layers]`` (NaN where a layer was not traced)."""
+    import numpy as np
+
+    out = []
+    for tr in traces:
+        ie = tr.indirect_effect(kind)
+        out.append(ie[:, _position(position, *tr.subject_range, ie.shape[1])])
+    return np.stack(out)
 
 
 def align_traces(traces: Sequence[Trace], kind: str = "hidden"):
@@ -288,24 +353,56 @@ _PREFIX_SEEDS = ["The", "Therefore", "Because", "I", "You", "However", "In the",
                  "She", "We", "My", "This", "Today", "Once", "Why", "According to", "If", "Many"]
 
 
-def context_prefixes(model, tok, n: int = 20, length: int = 8, cache: bool = True) -> list[str]:
-    """``n`` short texts the model generates itself (greedy, from varied first words), used as the
-    random contexts of k* and v* ("{prefix}. {prompt}"). Cached in the course cache."""
+def sample_texts(model, tok, openings: Sequence[str], max_new_tokens: int, seed: int = 0, top_k: int | None = None,
+                 batch_size: int = 32, progress: str | None = None, full_length: bool = False) -> list[str]:
+    """One *sampled* continuation (temperature 1; ``top_k`` if given) of each opening, no chat template,
+    ``torch.manual_seed(seed)`` before the first batch: the same texts on every run of one machine.
+    ``full_length``: never stop at the end-of-text token, so every continuation has ``max_new_tokens``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or not openings:
+        raise CourseError("sample_texts() needs openings and max_new_tokens >= 1")
+    dev = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    out = []
+    torch.manual_seed(seed)
+    try:
+        for s in tqdm(range(0, len(openings), batch_size), desc=progress, disable=progress is None, leave=False):
+            enc = tok(list(openings[s : s + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(**{k: v.to(dev) for k, v in enc.items()}, do_sample=True, top_k=top_k or 0,
+                                     top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=max_new_tokens if full_length else 0,
+                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def context_prefixes(model, tok, n: int = 20, lengths: Sequence[int] = (5, 10), seed: int = 0, cache: bool = True) -> list[str]:
+    """ROME's random contexts of k* and v* ("{prefix}. {prompt}"): ``n`` short texts the model samples
+    itself (top-k 5, as ROME), from varied first words, their lengths cycling through ``lengths`` tokens
+    (ROME: 10 of 5 and 10 of 10 tokens). Cached in the course cache."""
     from . import cache as course_cache
-    from .chat import generate
 
     if not 0 <= n <= len(_PREFIX_SEEDS):
         raise CourseError(f"context_prefixes(): n must be in [0, {len(_PREFIX_SEEDS)}] (got {n})")
 
     def make() -> list[str]:
-        seeds = _PREFIX_SEEDS[:n]
-        outs = generate(model, tok, seeds, max_new_tokens=length, batch_size=max(1, n))
-        texts = [(s + " " + o).replace("\n", " ").strip().rstrip(".") for s, o in zip(seeds, outs)]
-        return [" ".join(t.split()) for t in texts]
+        out = []
+        for j, length in enumerate(lengths):
+            seeds = _PREFIX_SEEDS[j:n:len(lengths)]
+            if seeds:
+                outs = sample_texts(model, tok, seeds, length, seed=seed + j, top_k=5)
+                out += [" ".join(f"{s} {o}".replace("{", " ").replace("}", " ").split()).rstrip(".") for s, o in zip(seeds, outs)]
+        return out
 
     if not cache:
         return make()
-    return course_cache.json("rome/prefixes", {"n": n, "length": length}, make, code=[generate], weights=model)
+    return course_cache.json("rome/prefixes", {"n": n, "lengths": list(lengths), "seed": seed}, make,
+                             code=[sample_texts], weights=model)
 
 
 def _contexts(prompt: str, prefixes: Sequence[str]) -> list[str]:
@@ -350,9 +447,13 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
     """v*: optimise delta added to down_proj's output at the subject's last token (ROME eq. 4).
 
     loss = mean over contexts of NLL(target | "{prefix}. {prompt}")            (make the new fact true)
-         + kl_weight * KL(P_orig || P_edited) on "{subject} is a"             (keep the subject's essence)
+         + kl_weight * KL(P_edited || P_orig) of the next token after the subject's last token in
+           "{subject} is a" (ROME's direction and position)                   (keep the subject's essence)
          + weight_decay * ||delta|| / ||v_init||^2                           (stay small)
-    Adam(lr), early stop when the NLL < ``stop_loss``; ||delta|| is clamped to clamp * ||v_init||.
+    Adam(lr), early stop when the NLL < ``stop_loss``; ||delta|| is clamped to clamp * ||v_init||. (ROME
+    stops on the total loss; with this model the norm penalty alone stays above 0.05, so that rule would
+    always run every step: we stop once the new object is likely.) ROME's defaults: 20 steps, lr 0.5,
+    kl_weight 0.0625, weight_decay 0.5, clamp 4.
     """
     import torch
 
@@ -398,7 +499,7 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
     try:
         with torch.no_grad():  # original essence distribution and v_init
             lg0 = model(input_ids=ids, attention_mask=att).logits
-            kl_ref = torch.log_softmax(lg0[n_ctx, len(kp) - 1].float(), -1)
+            kl_ref = torch.log_softmax(lg0[n_ctx, pos[n_ctx]].float(), -1)
         v_init = init["v"].float()
         delta = torch.zeros_like(v_init, requires_grad=True)
         state["delta"] = delta
@@ -411,8 +512,9 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
             # logits only where they are needed (the target positions and the essence position)
             nll = torch.stack([-torch.log_softmax(model.lm_head(hid[r, tp - 1 : tp - 1 + len(t_ids)]).float(), -1)
                                [torch.arange(len(t_ids), device=dev), tt].mean() for r, tp in enumerate(tgt_pos)]).mean()
-            kl_new = torch.log_softmax(model.lm_head(hid[n_ctx, len(kp) - 1]).float(), -1)
-            kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="sum")
+            kl_new = torch.log_softmax(model.lm_head(hid[n_ctx, pos[n_ctx]]).float(), -1)
+            # kl_div(input, target) = KL(target || input): KL(edited || original), the paper's direction
+            kl = torch.nn.functional.kl_div(kl_ref, kl_new, log_target=True, reduction="sum")
             wd = weight_decay * delta.norm() / v_init.norm() ** 2
             loss = nll + kl_weight * kl + wd
             history.append(dict(total=loss.item(), nll=nll.item(), kl=kl.item(), wd=wd.item()))
@@ -432,11 +534,12 @@ def compute_v(model, tok, layer: int, prompt: str, subject: str, target: str, pr
     return VResult(v=(v_init + d), v_init=v_init, delta_norm=float(d.norm()), steps=step, history=history)
 
 
-def generic_texts(model, tok, n: int = 48, length: int = 64, cache: bool = True) -> list[str]:
-    """Generic text for the covariance statistics, made offline by the model itself: greedy
-    continuations of ``n`` varied, topic-free openings. Cached in the course cache."""
+def generic_texts(model, tok, n: int = 128, length: int = 160, seed: int = 0, cache: bool = True) -> list[str]:
+    """Generic text made offline by the model itself (we have no Wikipedia): ``n`` *sampled* continuations
+    (temperature 1) of exactly ``length`` tokens from varied, topic-free openings (the list is cycled, so openings
+    repeat with different continuations). ``seed`` gives another, disjoint sample: the covariance C is
+    estimated on one seed and the drift of an edit measured on another. Cached in the course cache."""
     from . import cache as course_cache
-    from .chat import generate
 
     openings = ["The history of", "In the morning,", "Scientists have found that", "My favourite recipe",
                 "The city council", "A good way to learn", "The weather today", "When the war ended,",
@@ -451,53 +554,61 @@ def generic_texts(model, tok, n: int = 48, length: int = 64, cache: bool = True)
                 "The small town", "Historians", "The chemical reaction", "Every winter", "The airport",
                 "The novel", "Dogs and cats", "The bridge", "Religion", "The island", "Modern medicine",
                 "The painting", "The army", "Coffee"]
-    if not 1 <= n <= len(openings):
-        raise CourseError(f"generic_texts(): n must be in [1, {len(openings)}] (got {n})")
+    if n < 1 or length < 1:
+        raise CourseError(f"generic_texts(): n and length must be >= 1 (got {n}, {length})")
+    heads = [openings[(i + 7 * seed) % len(openings)] for i in range(n)]
 
     def make() -> list[str]:
-        outs = generate(model, tok, openings[:n], max_new_tokens=length, batch_size=16, progress="generic text")
-        return [f"{o} {t}".strip() for o, t in zip(openings[:n], outs)]
+        outs = sample_texts(model, tok, heads, length, seed=1000 + seed, batch_size=min(n, 160), progress="generic text",
+                            full_length=True)
+        return [f"{o} {t}".strip() for o, t in zip(heads, outs)]
 
     if not cache:
         return make()
-    return course_cache.json("rome/generic", {"n": n, "length": length}, make, code=[generate], weights=model)
+    return course_cache.json("rome/generic", {"n": n, "length": length, "seed": seed}, make, code=[sample_texts],
+                             weights=model)
 
 
-def layer_stats(model, tok, layer: int, texts: Sequence[str], batch_size: int = 8, cache: bool = True):
-    """C = E[k k^T]: uncentred second moment of the down_proj inputs of ``layer`` over every token
-    of ``texts``. Cached (safetensors) in the course cache, keyed by layer and the texts' hash.
-    Returns ``(C, n_tokens)``."""
+def layer_stats(model, tok, layers: Sequence[int], texts: Sequence[str], batch_size: int = 8, cache: bool = True):
+    """C = E[k k^T]: uncentred second moment of the down_proj inputs of each of ``layers`` over every
+    token of ``texts`` (one pass for all layers). Cached (safetensors) in the course cache, keyed by the
+    layers and the texts. Returns ``({layer: C}, n_tokens)``."""
     import torch
 
     from . import cache as course_cache
 
     if not texts:
         raise CourseError("layer_stats() needs some text")
-    down = _down_proj(model, layer)
+    layers = sorted({_check_layer(model, int(l)) for l in layers})
+    if not layers:
+        raise CourseError("layer_stats() needs at least one layer")
 
     def make() -> dict:
-        d_in = down.in_features
-        S = torch.zeros(d_in, d_in, dtype=torch.float64)
-        n = 0
-        cur = {}
-        h = down.register_forward_pre_hook(lambda m, inp: cur.__setitem__("k", inp[0].detach()))
+        d_in = _down_proj(model, layers[0]).in_features
+        S = {l: torch.zeros(d_in, d_in, dtype=torch.float64) for l in layers}
+        cur, n = {}, 0
+        hs = [_down_proj(model, l).register_forward_pre_hook(lambda m, inp, l=l: cur.__setitem__(l, inp[0].detach()))
+              for l in layers]
         dev = next(model.parameters()).device
         try:
             for s in range(0, len(texts), batch_size):
                 seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]]
                 ids, att = pad_right(tok, seqs)
                 with torch.no_grad():
-                    model(input_ids=ids.to(dev), attention_mask=att.to(dev))
-                k = cur["k"][att.bool().to(dev)].double().cpu()
-                S += k.T @ k
-                n += k.shape[0]
+                    model.model(input_ids=ids.to(dev), attention_mask=att.to(dev))
+                keep = att.bool().to(dev)
+                for l in layers:
+                    k = cur[l][keep].double().cpu()
+                    S[l] += k.T @ k
+                n += int(keep.sum())
         finally:
-            h.remove()
-        return {"C": (S / n).float(), "n": torch.tensor([n])}
+            for h in hs:
+                h.remove()
+        return {**{f"C{l}": (S[l] / n).float() for l in layers}, "n": torch.tensor([n])}
 
-    d = (course_cache.tensors("rome/cov", {"layer": layer, "texts": list(texts), "batch_size": batch_size}, make,
+    d = (course_cache.tensors("rome/cov", {"layers": layers, "texts": list(texts), "batch_size": batch_size}, make,
                               weights=model) if cache else make())
-    return d["C"], int(d["n"].item())
+    return {l: d[f"C{l}"] for l in layers}, int(d["n"].item())
 
 
 # ------------------------------------------------------------------------------ the rank-one update
@@ -606,47 +717,58 @@ def knows_fact(model, tok, rec: dict) -> dict:
                 known=(top == first_true) and lt > ln)
 
 
-def counterfact_reference(model, tok, rec: dict) -> list[list[int]]:
-    """Foundation-model argmax tokens on each neighbourhood prompt + its true answer (for locality)."""
-    from .evaluate import score_targets
+def distracting_prompts(rec: dict) -> list[str]:
+    """CounterFact+ (Hoelscher-Obermaier et al. 2023): each neighbour prompt behind the edited fact itself
+    ("Lyon is a city in the country of Germany. Bordeaux is a city in the country of"), so an edit that
+    fires on the *context* rather than the subject shows up."""
+    return [f"{rec['prompt']}{rec['target_new']}. {n['prompt']}" for n in rec["neighbourhood"]]
 
-    nb = rec["neighbourhood"]
-    return [x["pred"] for x in score_targets(model, tok, [n["prompt"] for n in nb], [n["target"] for n in nb])]
 
+def edit_scores(model, tok, rec: dict) -> dict:
+    """Scores of one CounterFact edit, all teacher-forced; P(x) = mean per-token probability of object x.
 
-def counterfact_scores(model, tok, rec: dict, reference: list[list[int]] | None = None) -> dict:
-    """Scores of one edit (all teacher-forced).
-
-    ROME/CounterFact: ``efficacy`` = [P(new) > P(true)] on the prompt, ``paraphrase`` = mean of the
-    same on the paraphrases, ``neighbourhood`` = mean [P(true) > P(new)] on the neighbours' prompts
-    (P = mean per-token probability). EasyEdit: ``reliability`` / ``generality`` = token accuracy of
-    target_new on prompt / paraphrases; ``locality`` = fraction of the neighbours' argmax tokens
-    unchanged from ``reference`` (needs :func:`counterfact_reference` on the foundation model)."""
-    from .evaluate import score_targets
-
+    Shares (CounterFact): ``efficacy`` = [P(new) > P(true)] on the prompt, ``paraphrase`` = the share of
+    paraphrases with P(new) > P(true), ``neighbourhood`` = the share of neighbours (other subjects, same
+    relation, same true object) with P(true) > P(new), ``distracted`` = the same on :func:`distracting_prompts`.
+    Margins (continuous, in nats): ``*_margin`` = the mean log P(new) - log P(true) on the edit's own
+    prompts, log P(true) - log P(new) on neighbours (so higher is better everywhere)."""
     prompts = [rec["prompt"]] + list(rec["paraphrases"])
-    nb = rec["neighbourhood"]
-    nbp = [n["prompt"] for n in nb]
-    allp = prompts + prompts + nbp + nbp
-    allt = ([rec["target_new"]] * len(prompts) + [rec["target_true"]] * len(prompts)
-            + [n["target"] for n in nb] + [rec["target_new"]] * len(nb))
-    r = score_targets(model, tok, allp, allt)
-    m = [x["logprob"] / x["n"] for x in r]
-    P = len(prompts)
-    new, true = m[:P], m[P : 2 * P]
-    nb_true, nb_new = m[2 * P : 2 * P + len(nb)], m[2 * P + len(nb) :]
-    out = dict(
-        efficacy=float(new[0] > true[0]),
-        paraphrase=sum(float(a > b) for a, b in zip(new[1:], true[1:])) / (P - 1),
-        neighbourhood=sum(float(a > b) for a, b in zip(nb_true, nb_new)) / len(nb),
-        reliability=r[0]["acc"],
-        generality=sum(x["acc"] for x in r[1:P]) / (P - 1),
-    )
-    if reference is not None:
-        preds = [x["pred"] for x in r[2 * P : 2 * P + len(nb)]]
-        out["locality"] = sum(sum(int(a == b) for a, b in zip(ref, p)) / max(len(ref), 1)
-                              for ref, p in zip(reference, preds)) / len(nb)
+    nbp = [n["prompt"] for n in rec["neighbourhood"]] + distracting_prompts(rec)
+    allp = prompts + nbp
+    r_new = _mean_logprob(model, tok, allp + allp, [rec["target_new"]] * len(allp) + [rec["target_true"]] * len(allp))[0]
+    d = [a - b for a, b in zip(r_new[: len(allp)], r_new[len(allp):])]   # log P(new) - log P(true)
+    P, N = len(prompts), len(rec["neighbourhood"])
+    groups = {"efficacy": d[:1], "paraphrase": d[1:P], "neighbourhood": [-x for x in d[P : P + N]],
+              "distracted": [-x for x in d[P + N:]]}
+    out = {}
+    for k, g in groups.items():
+        out[k] = sum(x > 0 for x in g) / len(g)
+        out[f"{k}_margin"] = sum(g) / len(g)
     return out
+
+
+def next_token_logprobs(model, tok, texts: Sequence[str], max_tokens: int = 64):
+    """log-softmax of the next-token distribution at every position of ``texts`` (each cut to
+    ``max_tokens``): a reference for :func:`drift`. Returns a ``[positions, vocab]`` tensor."""
+    import torch
+
+    seqs = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    ids, att = pad_right(tok, seqs)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        lg = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float()
+    return torch.log_softmax(lg[att.bool().to(dev)], -1).cpu()
+
+
+def drift(model, tok, texts: Sequence[str], reference, max_tokens: int = 64) -> float:
+    """Mean per-token KL(original || edited) of the next-token distribution on ``texts`` (nats), with
+    ``reference`` = :func:`next_token_logprobs` of the unedited model on the same texts."""
+    import torch
+
+    now = next_token_logprobs(model, tok, texts, max_tokens)
+    if now.shape != reference.shape:
+        raise CourseError("drift(): the reference was computed on other texts (shapes differ)")
+    return float(torch.nn.functional.kl_div(now, reference, log_target=True, reduction="sum") / now.shape[0])
 
 
 def mean_scores(rows: Sequence[dict]) -> dict:
@@ -658,29 +780,163 @@ def mean_scores(rows: Sequence[dict]) -> dict:
 # ------------------------------------------------------------------------------------ baselines
 
 
-def finetune_edit(model, tok, rec: dict, steps: int = 10, lr: float = 5e-5, lora: dict | None = None):
-    """The baseline: make the same edit by gradient descent on ``prompt + target_new`` alone
-    (coursekit.finetune.train, batch 1; full fine-tuning, or LoRA with ``lora=dict(r=...)``).
-    Returns the (possibly re-wrapped, merged) model."""
-    from .finetune import train
-
-    ex = [{"prompt": rec["prompt"], "completion": rec["target_new"]}]
-    model, _ = train(model, tok, ex, steps=steps, lr=lr, batch_size=1, lora=lora, progress=False)
-    return model
+def known_requests(model, tok, recs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """``(known, checks)``: the requests the model knows (:func:`knows_fact`) and every check."""
+    checks = [knows_fact(model, tok, r) for r in recs]
+    return [r for r, c in zip(recs, checks) if c["known"]], checks
 
 
-def sequential_edits(model, tok, recs: Sequence[dict], layer: int, C, prefixes: Sequence[str], references,
-                     damping: float = 0.0, progress: bool = True, **v_kwargs) -> list[dict]:
-    """Apply ``recs`` one after another *without* restoring (k*, v* recomputed on the current,
-    already edited model). After edit t, report the mean efficacy of edits 1..t and the mean
-    locality / neighbourhood score over edits 1..t. Weights are left edited: restore afterwards."""
+def peak_layer(traces: Sequence[Trace], kind: str = "mlp", position="subject_last") -> int:
+    """The edit layer read off causal tracing: the traced layer where the mean indirect effect of
+    restoring ``kind`` at ``position`` over the facts is largest."""
+    import numpy as np
+
+    curve = np.nanmean(site_effects(traces, kind, position), 0)
+    if np.isnan(curve).all():
+        raise CourseError(f"peak_layer(): no layer of these traces restored {kind!r} at {position!r}")
+    return int(np.nanargmax(curve))
+
+
+HELD_OUT = dict(n=8, length=48, seed=1)   # the drift texts: another sample than C's, never used to estimate it
+
+
+def prepared(model, tok, n_trace: int, noise_runs: int, layer_step: int, n_texts: int, text_len: int, n_prefix: int,
+             sweep: Sequence[int] = (), window: int = 6):
+    """Part I's artefacts for the notebooks that build on it, each through the course cache (computed when
+    absent, so a notebook runs alone): the known requests, the traces of the first ``n_trace``, the edit
+    layer they give (:func:`peak_layer`), C at that layer and at ``sweep`` layers, the held-out drift texts
+    and the context prefixes. Returns a namespace with those names."""
+    from types import SimpleNamespace
+
+    recs, _ = known_requests(model, tok, load_counterfact())
+    traces = trace_facts(model, tok, recs[:n_trace], noise_samples=noise_runs, window=window, layer_step=layer_step,
+                         positions=["subject_last", "last"])
+    layer = peak_layer(traces)
+    texts = generic_texts(model, tok, n_texts, text_len, seed=0)
+    Cs, n_tok = layer_stats(model, tok, [layer, *sweep], texts)
+    return SimpleNamespace(recs=recs, traces=traces, layer=layer, Cs=Cs, C=Cs[layer], n_tok=n_tok,
+                           held_out=generic_texts(model, tok, **HELD_OUT), prefixes=context_prefixes(model, tok, n_prefix))
+
+
+def edit_many(model, tok, recs: Sequence[dict], layer: int, C, prefixes: Sequence[str], held_out: Sequence[str],
+              damping: float = 0.0, steps: int = 20, progress: bool = True, cache: bool = True) -> list[dict]:
+    """Every request on the unedited weights (each edit undone before the next): ROME with the real ``C``
+    and, from the same k* and v*, with C = I. Per edit: ``C`` / ``I`` = :func:`edit_scores`, ``drift_C`` /
+    ``drift_I`` = :func:`drift` on ``held_out``, the edit's ``seconds`` (when computed) and ``v_steps``.
+    Cached in the course cache (keyed by the requests, layer, C, prefixes and texts)."""
+    import hashlib
+
     from tqdm.auto import tqdm
 
+    from . import cache as course_cache
+
+    def make() -> list[dict]:
+        ref = next_token_logprobs(model, tok, held_out)
+        out = []
+        for r in tqdm(list(recs), desc="ROME edits", disable=not progress, leave=False):
+            e = apply_rome(model, tok, r, layer, C, prefixes, damping, steps=steps)
+            row = dict(id=r["id"], seconds=e.seconds, v_steps=e.v_steps, C=edit_scores(model, tok, r),
+                       drift_C=drift(model, tok, held_out, ref))
+            undo(model, e)
+            e_i = apply_rome(model, tok, r, layer, None, kv=(e.k, e.v))
+            row.update(I=edit_scores(model, tok, r), drift_I=drift(model, tok, held_out, ref))
+            undo(model, e_i)
+            out.append(row)
+        return out
+
+    if not cache:
+        return make()
+    c_hash = hashlib.sha256(C.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+    config = dict(recs=list(recs), layer=layer, C=c_hash, prefixes=list(prefixes), held_out=list(held_out),
+                  damping=damping, steps=steps)
+    return course_cache.json("rome/edits", config, make, weights=model)
+
+
+LOCALITY_MARGIN = 0.1   # an edit is local when the share of neighbours keeping their object drops by less
+
+
+def edit_effects(before: Sequence[dict], after: Sequence[dict], method: str = "ROME") -> list:
+    """C15's three tests of an editing method, thresholds fixed before any run, per edit (paired):
+    reliability = efficacy margin > 0, generality = paraphrase margin > 0, locality = the share of
+    neighbours that keep their true object drops by less than :data:`LOCALITY_MARGIN`
+    (after - before > -0.1). ``before`` / ``after``: :func:`edit_scores` rows of the same edits."""
+    import numpy as np
+
+    from .evidence import effect
+
+    col = lambda rows, k: np.array([r[k] for r in rows], dtype=float)
+    return [effect(f"{method} efficacy margin", col(after, "efficacy_margin"), "greater"),
+            effect(f"{method} paraphrase margin", col(after, "paraphrase_margin"), "greater"),
+            effect(f"{method} neighbourhood share, after - before", col(after, "neighbourhood") - col(before, "neighbourhood"),
+                   "greater", null=-LOCALITY_MARGIN)]
+
+
+def finetune_edit(model, tok, rec: dict, params: str = "all", layer: int | None = None, lr: float = 5e-5,
+                  max_steps: int = 30, until: float = 0.0) -> dict:
+    """The baseline: make the same edit by gradient descent (Adam, batch = the one sentence
+    ``prompt + target_new``) on ``params`` = "all" (full fine-tuning) or "down_proj" (ROME's matrix at
+    ``layer`` only), with an early stop once the edit holds at least as firmly as ``until``: the
+    efficacy margin log P(new) - log P(true) on the prompt >= ``until`` (pass ROME's margin on the same
+    edit to compare at matched efficacy). Edits ``model`` in place; returns steps, margin and seconds."""
+    import torch
+
+    if params not in ("all", "down_proj"):
+        raise CourseError(f"finetune_edit(): params must be 'all' or 'down_proj' (got {params!r})")
+    if max_steps < 1 or lr <= 0:
+        raise CourseError(f"finetune_edit() needs max_steps >= 1 and lr > 0 (got {max_steps}, {lr})")
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
+    if params == "all":
+        train = [p for p in model.parameters()]
+    else:
+        if layer is None:
+            raise CourseError("finetune_edit(params='down_proj') needs the layer")
+        train = [_down_proj(model, layer).weight]
+    p_ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+    tgt = [tok(rec[k], add_special_tokens=False)["input_ids"] for k in ("target_new", "target_true")]
+    ids, att = pad_right(tok, [p_ids + t for t in tgt])
+    ids, att = ids.to(dev), att.to(dev)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in train:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(train, lr=lr)
+    was_training = model.training
+    model.eval()   # no dropout: the edit is one sentence, deterministic
+    step, margin = 0, float("nan")
+    try:
+        for step in range(max_steps + 1):
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), -1)
+            lp = [torch.stack([logp[r, len(p_ids) - 1 + j, t] for j, t in enumerate(tgt[r])]).mean() for r in (0, 1)]
+            margin = float((lp[0] - lp[1]).detach())
+            if margin >= until or step == max_steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            (-lp[0]).backward()
+            opt.step()
+    finally:
+        opt.zero_grad(set_to_none=True)
+        del opt
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return dict(steps=step, margin=margin, seconds=time.perf_counter() - t0)
+
+
+def sequential_edits(model, tok, recs: Sequence[dict], layer: int, C, prefixes: Sequence[str],
+                     checkpoints: Sequence[int] = (), damping: float = 0.0, progress: bool = True, **v_kwargs) -> list[dict]:
+    """Apply ``recs`` one after another *without* restoring (k*, v* recomputed on the current, already
+    edited model). After edit t for t in ``checkpoints`` (default: every edit) score edits 1..t with
+    :func:`edit_scores`: one row per checkpoint with ``n_edits`` and, per score, the mean and the per-edit
+    values (``rows``). Weights are left edited: restore afterwards."""
+    from tqdm.auto import tqdm
+
+    marks = set(checkpoints) if checkpoints else set(range(1, len(recs) + 1))
     out = []
     for t, rec in enumerate(tqdm(list(recs), desc="sequential edits", disable=not progress, leave=False), 1):
         apply_rome(model, tok, rec, layer, C, prefixes, damping, **v_kwargs)
-        rows = [counterfact_scores(model, tok, r, ref) for r, ref in zip(recs[:t], references[:t])]
-        m = mean_scores(rows)
-        m["n_edits"] = t
-        out.append(m)
+        if t in marks:
+            rows = [edit_scores(model, tok, r) for r in recs[:t]]
+            out.append(dict(n_edits=t, rows=rows, **mean_scores(rows)))
     return out

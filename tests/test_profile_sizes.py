@@ -91,7 +91,12 @@ def _picks(path: Path) -> list[dict]:
     return out
 
 
-PICKS = {p.name[:2]: _picks(p) for p in NOTEBOOKS}
+PICKS = {p.stem: _picks(p) for p in NOTEBOOKS}
+
+
+def _picks_of(prefix: str) -> dict[str, list[dict]]:
+    """The picks of every notebook whose name starts with ``prefix`` (05 and 04 are two notebooks each)."""
+    return {nb: ps for nb, ps in PICKS.items() if nb.startswith(prefix)}
 
 
 def _source(nb_prefix: str) -> str:
@@ -158,11 +163,17 @@ RULES = [
      lambda v, o: _shares(v, N_TASK, len(DATA.safety["harmful_train"]))),
     ("03", "N_GEN", "pseudo replay answers rq['questions'][:N_GEN]: N_GEN <= the questions there are",
      lambda v, o: 1 <= v <= len(DATA.rq["questions"])),
-    ("04", "N_EDITS", "20 <= N_EDITS <= facts the model knows", lambda v, o: 20 <= v <= _known_facts()),
-    ("04", "N_TRACE", "traced facts are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
-    ("04", "N_FT", "fine-tuned edits are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
-    ("04", "N_SEQ", "sequential edits are scored edits", lambda v, o: 1 <= v <= o["N_EDITS"]),
-    ("04", "LAYER_STEP", "a layer stride within the model's 30 layers", lambda v, o: 1 <= v <= 30),
+    ("04", "N_TRACE", "at least 10 traced facts, all of them known (the notebook traces recs[:N_TRACE])",
+     lambda v, o: 10 <= v <= _known_facts()),
+    ("04", "NOISE_RUNS", "at least 5 noise samples per traced fact", lambda v, o: v >= 5),
+    ("04", "N_FT", "at least 10 fine-tuned edits, all of them known facts", lambda v, o: 10 <= v <= _known_facts()),
+    ("04", "N_SEQ", "at least 20 sequential edits, all of them known facts", lambda v, o: 20 <= v <= _known_facts()),
+    ("04", "N_SWEEP", "the layer sweep reuses the first edits", lambda v, o: 2 <= v <= _known_facts()),
+    ("04", "N_PREFIX", "at least 5 sampled prefixes (ROME: 20), at most the prefix openings",
+     lambda v, o: 5 <= v <= 20),
+    ("04", "LAYER_STEP", "every layer or every second layer (the claim's bands need both parities covered)",
+     lambda v, o: v in (1, 2)),
+    ("04", "SWEEP", "sweep layers within the model's 30 layers", lambda v, o: all(0 <= x < 30 for x in v)),
     ("05", "SEEDS", "at least 3 seeds for every trained task vector (the evidence standard)", lambda v, o: v >= 3),
     ("05", "STEPS", "each of a skill's 12 training examples is seen at least once (batch 4)", lambda v, o: 4 * v >= 12),
     ("06", "make_curve(n_train=)", "the largest neighbourhood (KS) fits in the training set",
@@ -175,7 +186,7 @@ RULES = [
 
 
 def test_every_notebook_has_profile_sizes():
-    empty = [p.name for p in NOTEBOOKS if not PICKS[p.name[:2]]]
+    empty = [p.name for p in NOTEBOOKS if not PICKS[p.stem]]
     assert not empty, f"no P.pick(ci=…, full=…) at all in {empty}: give the full profile its GPU sizes"
 
 
@@ -186,23 +197,41 @@ def test_full_is_not_the_ci_size():
 
 
 def test_every_rule_finds_its_pick():
-    missing = [f"{nb} {label}" for nb, label, *_ in RULES if not any(p["label"] == label for p in PICKS.get(nb, []))]
+    missing = [f"{nb} {label}" for nb, label, *_ in RULES
+               if not any(p["label"] == label for ps in _picks_of(nb).values() for p in ps)]
     assert not missing, f"size rules whose pick is gone from the notebook (update RULES): {missing}"
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_sizes_fit_their_data(profile):
     bad = []
-    for nb, label, what, ok in RULES:
-        picks = {p["label"]: p["values"][profile] for p in PICKS.get(nb, [])}
-        if label not in picks:
-            continue  # reported by test_every_rule_finds_its_pick
-        v = picks[label]
-        res = ok(v, picks)
-        good, detail = res if isinstance(res, tuple) else (res, "")
-        if not good:
-            bad.append(f"{nb} {label}={v!r}: {what}" + (f" ({detail})" if detail else ""))
+    for prefix, label, what, ok in RULES:
+        for nb, ps in _picks_of(prefix).items():
+            picks = {p["label"]: p["values"][profile] for p in ps}
+            if label not in picks:
+                continue  # reported by test_every_rule_finds_its_pick
+            v = picks[label]
+            res = ok(v, picks)
+            good, detail = res if isinstance(res, tuple) else (res, "")
+            if not good:
+                bad.append(f"{nb} {label}={v!r}: {what}" + (f" ({detail})" if detail else ""))
     assert not bad, f"{profile} profile: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_notebooks_of_one_part_share_their_sizes(profile):
+    """A size both notebooks of one lecture part pick (04 I/II) must agree: part II reuses part I's cached
+    trace, covariance and edits only when the keys match."""
+    bad = []
+    for prefix in sorted({nb[:2] for nb in PICKS}):
+        seen: dict = {}
+        for nb, ps in _picks_of(prefix).items():
+            for p in ps:
+                v = p["values"].get(profile)
+                if p["label"] in seen and seen[p["label"]][1] != v:
+                    bad.append(f"{p['label']}: {seen[p['label']][0]} picks {seen[p['label']][1]!r}, {nb} picks {v!r}")
+                seen.setdefault(p["label"], (nb, v))
+    assert not bad, "; ".join(bad)
 
 
 def test_pick_needs_every_profile():

@@ -108,24 +108,107 @@ def test_trace_shapes(tiny):
 
 def test_layer_stats_cached(tiny, tmp_cache):
     model, tok = tiny
-    C, n = rome.layer_stats(model, tok, 0, ["hello world", "a b c d"])
-    assert C.shape == (64, 64) and n > 0
-    assert torch.allclose(C, C.T, atol=1e-6)
-    C2, n2 = rome.layer_stats(model, tok, 0, ["hello world", "a b c d"])
-    assert n2 == n and torch.allclose(C, C2)
+    Cs, n = rome.layer_stats(model, tok, [0, 1], ["hello world", "a b c d"])
+    assert set(Cs) == {0, 1} and n > 0
+    for C in Cs.values():
+        assert C.shape == (64, 64) and torch.allclose(C, C.T, atol=1e-6)
+    # one pass for several layers gives each layer's own statistic
+    C1, n1 = rome.layer_stats(model, tok, [1], ["hello world", "a b c d"], cache=False)
+    assert n1 == n and torch.allclose(C1[1], Cs[1], atol=1e-6)
+    Cs2, n2 = rome.layer_stats(model, tok, [1, 0], ["hello world", "a b c d"])
+    assert n2 == n and torch.allclose(Cs[0], Cs2[0])
     assert len(list((tmp_cache / "rome").glob("cov-*.safetensors"))) == 1
+
+
+def test_trace_positions_only_restore_what_is_asked(tiny):
+    model, tok = tiny
+    r = _req()
+    full = rome.trace_fact(model, tok, r["prompt"], r["subject"], " Paris", noise_samples=2, window=2)
+    part = rome.trace_fact(model, tok, r["prompt"], r["subject"], " Paris", noise_samples=2, window=2,
+                           positions=("subject_last", "last"), max_rows=3)
+    s1, T = full.subject_range[1], len(full.tokens)
+    for kind in ("hidden", "mlp", "attn"):
+        got = part.scores[kind]
+        assert torch.isnan(torch.tensor(got[:, 0])).all()          # not restored: NaN
+        assert abs(got[:, [s1, T - 1]] - full.scores[kind][:, [s1, T - 1]]).max() < 1e-5   # batching changes nothing
+    eff = rome.site_effects([part, part], "mlp", "subject_last")
+    assert eff.shape == (2, 2) and abs(eff[0] - (part.scores["mlp"][:, s1] - part.p_corrupt)).max() < 1e-9
+    with pytest.raises(ck.CourseError, match="trace position"):
+        rome.trace_fact(model, tok, r["prompt"], r["subject"], positions=("middle",), noise_samples=1)
+
+
+def test_edit_scores_and_finetune_baseline(tiny):
+    model, tok = tiny
+    snap = ck.models.snapshot(model)
+    rec = dict(_req(), id="e", target_true=" Paris", paraphrases=["Tourists visit the Eiffel Tower in"],
+               neighbourhood=[{"prompt": "The Louvre is located in the city of", "target": " Paris"}])
+    s = rome.edit_scores(model, tok, rec)
+    assert set(s) == {f"{k}{m}" for k in ("efficacy", "paraphrase", "neighbourhood", "distracted") for m in ("", "_margin")}
+    # before an edit: the efficacy margin and the neighbourhood margin are the same log-ratio with opposite sign conventions
+    (lp_new, lp_true), _ = rome._mean_logprob(model, tok, [rec["prompt"]] * 2, [" Rome", " Paris"])
+    assert abs(s["efficacy_margin"] - (lp_new - lp_true)) < 1e-5 and s["efficacy"] == float(lp_new > lp_true)
+    assert rome.distracting_prompts(rec) == ["The Eiffel Tower is located in the city of Rome. The Louvre is located in the city of"]
+    goal = s["efficacy_margin"] + 0.3
+    out = rome.finetune_edit(model, tok, rec, "down_proj", layer=1, lr=1e-2, max_steps=40, until=goal)
+    assert out["margin"] >= goal and 0 < out["steps"] < 40   # stopped as soon as the edit is firm enough
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snap[k])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+    assert abs(rome.edit_scores(model, tok, rec)["efficacy_margin"] - out["margin"]) < 1e-4
+    ck.models.restore(model, snap)
+    with pytest.raises(ck.CourseError, match="params"):
+        rome.finetune_edit(model, tok, rec, "mlp")
+
+
+def test_drift_is_zero_unedited_and_positive_edited(tiny):
+    model, tok = tiny
+    snap = ck.models.snapshot(model)
+    texts = ["the cat sat on the mat", "a b c d e f g"]
+    ref = rome.next_token_logprobs(model, tok, texts)
+    assert abs(rome.drift(model, tok, texts, ref)) < 1e-6
+    rome.apply_rome(model, tok, _req(), layer=1, steps=3)
+    assert rome.drift(model, tok, texts, ref) > 0
+    ck.models.restore(model, snap)
+    with pytest.raises(ck.CourseError, match="other texts"):
+        rome.drift(model, tok, texts[:1], ref)
+
+
+def test_sequential_edits_checkpoints(tiny):
+    model, tok = tiny
+    snap = ck.models.snapshot(model)
+    recs = [dict(_req(), id=str(i), target_true=" Paris", target_new=t, paraphrases=["The Eiffel Tower stands in"],
+                 neighbourhood=[{"prompt": "The Louvre is in", "target": " Paris"}]) for i, t in enumerate((" Rome", " Oslo"))]
+    seq = rome.sequential_edits(model, tok, recs, 1, None, [], checkpoints=(2,), progress=False, steps=2)
+    assert [s["n_edits"] for s in seq] == [2] and len(seq[0]["rows"]) == 2
+    ck.models.restore(model, snap)
+
+
+def test_sampled_texts_repeat_with_the_seed(tiny):
+    model, tok = tiny
+    a = rome.sample_texts(model, tok, ["The", "A b"], 4, seed=3)
+    assert a == rome.sample_texts(model, tok, ["The", "A b"], 4, seed=3) and len(a) == 2
+
+
+def test_counterfact_neighbours_share_the_object_and_are_never_edited():
+    recs = rome.load_counterfact()
+    assert all(n["target"] == r["target_true"] for r in recs for n in r["neighbourhood"])
+    assert rome.edited_neighbours(recs) == []
+    assert rome.edited_neighbours([dict(subject="Lyon", id="x", neighbourhood=[{"prompt": "Lyon is"}])]) == [("x", "Lyon is")]
+    # drift texts and covariance texts are different samples (same cache config but another seed)
+    assert len({r["subject"] for r in recs}) == len(recs) >= 20
 
 
 def test_load_counterfact_real_file_and_errors(tmp_path):
     recs = rome.load_counterfact()
     assert len(recs) >= 20
     good = dict(id="a", subject="X", prompt="X is in", target_true=" A", target_new=" B", paraphrases=["X lies in"],
-                neighbourhood=[{"prompt": "Y is in", "target": " C"}])
+                neighbourhood=[{"prompt": "Y is in", "target": " A"}])
     p = tmp_path / "cf.jsonl"
     p.write_text(json.dumps(good) + "\n")
     assert rome.load_counterfact(p)[0]["id"] == "a"
     for bad, msg in [(dict(good, target_new=" A"), "must differ"), (dict(good, prompt="Z is in"), "contain the subject"),
-                     (dict(good, paraphrases=[]), "paraphrases"), (dict(good, neighbourhood=[{"prompt": "Y"}]), "target")]:
+                     (dict(good, paraphrases=[]), "paraphrases"), (dict(good, neighbourhood=[{"prompt": "Y"}]), "target"),
+                     (dict(good, neighbourhood=[{"prompt": "Y is in", "target": " C"}]), "true object"),
+                     (dict(good, neighbourhood=[{"prompt": "X is in", "target": " A"}]), "another subject")]:
         p.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ck.CourseError, match=msg) as ei:
             rome.load_counterfact(p)
