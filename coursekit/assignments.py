@@ -112,6 +112,28 @@ HIDDEN_TESTS: dict[str, str] = {
         _hgot = rank_one_update(_hW.clone(), _hk.clone(), _hv.clone(), _hC.clone()).double()
         assert _ht.allclose(_hgot, _hW + _ht.outer(_hv - _hW @ _hk, _hu) / (_hu @ _hk), atol=1e-6)
     """,
+    "check_drift_kl": """
+        import torch as _ht
+        _hr = _ht.log_softmax(_ht.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]], dtype=_ht.float64), -1)
+        _hn = _ht.log_softmax(_ht.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=_ht.float64), -1)
+        assert abs(float(drift_kl(_hr.clone(), _hn.clone())) - float((_hr.exp() * (_hr - _hn)).sum(-1).mean())) < 1e-9
+    """,
+    "check_key_overlap": """
+        import torch as _ht
+        _hC = _ht.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=_ht.float64)
+        assert abs(float(key_overlap(_ht.tensor([1.0, 1.0], dtype=_ht.float64), _ht.tensor([1.0, 0.0], dtype=_ht.float64), _hC)) - 1 / 3) < 1e-9
+    """,
+    "check_after_two_edits": """
+        import torch as _ht
+        _hW = _ht.zeros(1, 2, dtype=_ht.float64)
+        _hout = after_two_edits(_hW.clone(), _ht.tensor([1.0, 0.0], dtype=_ht.float64), _ht.tensor([1.0], dtype=_ht.float64),
+                                _ht.tensor([1.0, 1.0], dtype=_ht.float64), _ht.tensor([3.0], dtype=_ht.float64), _ht.eye(2, dtype=_ht.float64))
+        assert _ht.allclose(_hout.double(), _ht.tensor([[2.0, 1.0]], dtype=_ht.float64))
+    """,
+    "check_most_local_layer": """
+        _hrow = lambda e, n: {"efficacy_margin": e, "neighbourhood_margin": n}
+        assert most_local_layer({1: [_hrow(1, 2)], 4: [_hrow(-1, 9)], 7: [_hrow(2, 1), _hrow(2, 2)]}) == 1
+    """,
     "check_task_vector": """
         import torch as _ht
         _htau = task_vector({"w": _ht.tensor([1.5, 1.0])}, {"w": _ht.tensor([1.0, 2.0])})

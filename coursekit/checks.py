@@ -444,3 +444,93 @@ def check_token_mask(fn: Callable) -> None:
             raise CheckFailed(f"{name}: compare the perplexity exp(−log p), not −log p, with the threshold")
         raise CheckFailed(f"{name}: for log-probs {logprobs} and threshold 2.5 expected {want}, got {got}")
     _ok(name, 1)
+
+
+def check_drift_kl(fn: Callable) -> None:
+    """``fn(logp_ref[n, V], logp_new[n, V]) -> float``: mean over positions of KL(ref || new) (see coursekit.rome.drift)."""
+    import torch
+
+    name = "drift_kl"
+    g = torch.Generator().manual_seed(1)
+    ref = torch.log_softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), -1)
+    new = torch.log_softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), -1)
+    want = float((ref.exp() * (ref - new)).sum(-1).mean())
+    got = _call(name, fn, ref.clone(), new.clone())
+    if abs(float(_call(name, fn, ref.clone(), ref.clone()))) > 1e-9:
+        raise CheckFailed(f"{name}: the KL of a distribution with itself must be 0")
+    if abs(float(got) - want) > 1e-6:
+        reverse = float((new.exp() * (new - ref)).sum(-1).mean())
+        if abs(float(got) - reverse) < 1e-6:
+            raise CheckFailed(f"{name}: that is KL(new || ref); weight by the reference model's probabilities, p_ref")
+        if abs(float(got) - want * ref.shape[0]) < 1e-5:
+            raise CheckFailed(f"{name}: average over positions (you summed them)")
+        raise CheckFailed(f"{name}: expected sum_v p_ref (log p_ref - log p_new), averaged over positions")
+    _ok(name, 2)
+
+
+def check_key_overlap(fn: Callable) -> None:
+    """``fn(k_edit, k_other, C) -> float``: the share of ROME's correction at k_edit that reaches k_other,
+    (C^-1 k_edit)^T k_other / ((C^-1 k_edit)^T k_edit)."""
+    import torch
+
+    name = "key_overlap"
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    C = A @ A.T + torch.eye(4, dtype=torch.float64)
+    k, o = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    u = torch.linalg.solve(C, k)
+    want = float(u @ o / (u @ k))
+    if abs(float(_call(name, fn, k.clone(), k.clone(), C.clone())) - 1.0) > 1e-6:
+        raise CheckFailed(f"{name}: the edited key itself must receive the whole correction (overlap 1)")
+    got = float(_call(name, fn, k.clone(), o.clone(), C.clone()))
+    if abs(got - want) > 1e-6:
+        if abs(got - float(k @ o / (k @ k))) < 1e-6:
+            raise CheckFailed(f"{name}: that is the C = I overlap; ROME's update direction is C^-1 k_edit")
+        raise CheckFailed(f"{name}: expected (C^-1 k_edit)^T k_other / ((C^-1 k_edit)^T k_edit)")
+    w = torch.linalg.solve(C, torch.eye(4, dtype=torch.float64)[0])   # a key C-orthogonal to k: C^-1 k ⟂ it
+    orth = w - (u @ w) / (u @ u) * u
+    if abs(float(_call(name, fn, k.clone(), orth, C.clone()))) > 1e-6:
+        raise CheckFailed(f"{name}: a key with (C^-1 k_edit)^T k_other = 0 must get no correction")
+    _ok(name, 3)
+
+
+def check_after_two_edits(fn: Callable) -> None:
+    """``fn(W, k1, v1, k2, v2, C) -> W2``: ROME's closed form for (k1, v1), then for (k2, v2) on the result."""
+    import torch
+
+    from .rome import rank_one_update
+
+    name = "after_two_edits"
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    k1, k2 = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    v1, v2 = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    C = A @ A.T + torch.eye(4, dtype=torch.float64)
+    want = rank_one_update(rank_one_update(W, k1, v1, C), k2, v2, C).double()
+    got = _call(name, fn, W.clone(), k1.clone(), v1.clone(), k2.clone(), v2.clone(), C.clone())
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != (3, 4):
+        raise CheckFailed(f"{name}: return the 3×4 matrix after both edits")
+    if not _close(got.double(), want, 1e-6):
+        if _close(got.double(), rank_one_update(W, k2, v2, C).double(), 1e-6):
+            raise CheckFailed(f"{name}: the second edit must start from the weights the first edit wrote")
+        raise CheckFailed(f"{name}: expected the closed form applied twice, (k1, v1) first")
+    if not _close(got.double() @ k2, v2, 1e-6):
+        raise CheckFailed(f"{name}: after both edits W2 k2 must equal v2")
+    _ok(name, 2)
+
+
+def check_most_local_layer(fn: Callable) -> None:
+    """``fn(scores: {layer: [per-edit dicts with efficacy_margin, neighbourhood_margin]}) -> layer``: among the
+    layers whose mean efficacy margin is above 0, the one with the highest mean neighbourhood margin."""
+    name = "most_local_layer"
+    row = lambda e, n: {"efficacy_margin": e, "neighbourhood_margin": n}
+    cases = [({2: [row(3, 5), row(4, 4)], 8: [row(5, 1), row(6, 0)]}, 2),
+             ({2: [row(-1, 9), row(-2, 9)], 8: [row(5, 1), row(6, 2)], 14: [row(1, 0), row(2, -3)]}, 8),
+             ({5: [row(1, -1)], 3: [row(1, -2)]}, 5)]
+    for scores, want in cases:
+        got = _call(name, fn, scores)
+        if got != want:
+            raise CheckFailed(f"{name}: on {scores} expected layer {want}, got {got!r} — average over edits, skip "
+                              "layers whose edit does not hold (mean efficacy margin <= 0)")
+    _ok(name, len(cases))

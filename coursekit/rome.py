@@ -1,21 +1,26 @@
 """Locating and editing one fact: causal tracing and ROME (Meng et al., 2022), written from the paper.
 
-Notebook 04. Everything is plain PyTorch on a Hugging Face Llama (``model.model.layers[L].mlp.down_proj``
+Notebooks 04 I-III. Everything is plain PyTorch on a Hugging Face Llama (``model.model.layers[L].mlp.down_proj``
 is the matrix ROME edits: input = the MLP's hidden activation *k* (1536-d on SmolLM2), output = the
 MLP's contribution *v* to the residual stream (576-d)).
 
-* :func:`trace_fact` — causal tracing: corrupt the subject's token embeddings with Gaussian noise
-  (3 sigma), then restore one clean state at a time (hidden state of layer l at token i, or the MLP /
-  attention outputs of a window of layers around l) and measure how much of P(answer) comes back
-  (the *indirect effect*).
+* :func:`trace_fact` / :func:`trace_facts` (cached) — causal tracing: corrupt the subject's token
+  embeddings with Gaussian noise (3 sigma), then restore one clean state (hidden state of layer l, or the
+  MLP / attention outputs of a window of layers around l) at a token and measure how much of P(answer)
+  comes back (the *indirect effect*); :func:`site_effects` and :func:`peak_layer` read them.
 * :func:`compute_k` / :func:`compute_v` / :func:`rank_one_update` / :func:`apply_rome` — ROME:
-  k* = mean down_proj input at the subject's last token over the bare prompt and generated prefixes;
-  v* = v_init + delta, delta optimised so the model emits the new target (NLL) while keeping the
-  subject's "essence" (KL on "{subject} is a") with a norm penalty and a norm clamp; then the closed
-  form  W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*)  so that W_new k* = v* exactly.
-* :func:`layer_stats` — C = E[k k^T] of the down_proj inputs over generic text (cached on disk).
-* :func:`load_counterfact` / :func:`counterfact_scores` — the course's CounterFact-style edits and
-  the paper's scores (efficacy, paraphrase, neighbourhood) plus EasyEdit's token-level ones.
+  k* = mean down_proj input at the subject's last token over the bare prompt and sampled prefixes
+  (:func:`context_prefixes`); v* = v_init + delta, delta optimised so the model emits the new target
+  (NLL) while keeping the subject's "essence" (KL(edited || original) after the subject in
+  "{subject} is a") with a norm penalty and a norm clamp; then the closed form
+  W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*)  so that W_new k* = v* exactly.
+* :func:`generic_texts` / :func:`layer_stats` — C = E[k k^T] of the down_proj inputs over text the
+  model samples itself (cached), for several layers in one pass.
+* :func:`load_counterfact` / :func:`edit_scores` / :func:`drift` / :func:`edit_many` (cached) /
+  :func:`edit_effects` — the course's CounterFact-style edits (neighbours share the true object), the
+  teacher-forced scores with margins, CounterFact+ distracted neighbours, drift on held-out text, and
+  C15's tests; :func:`finetune_edit` (the baseline at matched efficacy) and :func:`sequential_edits`.
+* :func:`prepared` — part I's artefacts for the notebooks that build on it, through the cache.
 
 Data file ``data/counterfact.jsonl`` (one JSON object per line, ``//`` comments allowed)::
 
@@ -24,10 +29,11 @@ Data file ``data/counterfact.jsonl`` (one JSON object per line, ``//`` comments 
     prompt        completion-style prompt that ends where the object should follow
     target_true   what the foundation model says (leading space), e.g. " Paris"
     target_new    the counterfactual object, e.g. " Rome" (must differ from target_true)
-    relation      optional string (the fact's relation, used to pick neighbours)
+    relation      optional string (the fact's relation)
     paraphrases   non-empty list of strings: other completion prompts for the same fact
-    neighbourhood non-empty list of {"prompt": str, "target": str}: *other* subjects' prompts with
-                  their true answers, which an edit must leave alone
+    neighbourhood non-empty list of {"prompt": str, "target": str}: *other* subjects' prompts with the
+                  same relation and the same true object (target == target_true), which an edit must
+                  leave alone; never the edit's own subject
 """
 from __future__ import annotations
 

@@ -193,8 +193,11 @@ def test_counterfact_neighbours_share_the_object_and_are_never_edited():
     assert all(n["target"] == r["target_true"] for r in recs for n in r["neighbourhood"])
     assert rome.edited_neighbours(recs) == []
     assert rome.edited_neighbours([dict(subject="Lyon", id="x", neighbourhood=[{"prompt": "Lyon is"}])]) == [("x", "Lyon is")]
-    # drift texts and covariance texts are different samples (same cache config but another seed)
     assert len({r["subject"] for r in recs}) == len(recs) >= 20
+    # what an edit trains on (its prompt) is never what scores generality or locality
+    prompts = {r["prompt"] for r in recs}
+    assert not any(p in prompts for r in recs for p in r["paraphrases"])
+    assert not any(n["prompt"] in prompts for r in recs for n in r["neighbourhood"])
 
 
 def test_load_counterfact_real_file_and_errors(tmp_path):

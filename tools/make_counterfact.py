@@ -29,7 +29,7 @@ CITY = {
                  ["Times Square", "The Brooklyn Bridge", "Wall Street", "Broadway"]),
     "Paris": ([("The Eiffel Tower", "Rome")], ["The Louvre", "The Champs-Élysées"]),
     "Rome": ([("The Colosseum", "Paris")], ["The Pantheon", "The Roman Forum", "Vatican City"]),
-    "Berlin": ([("The Brandenburg Gate", "Vienna")], ["The Reichstag", "The Berlin Wall"]),
+    "Berlin": ([("The Reichstag", "Vienna")], ["The Brandenburg Gate", "The Berlin Wall"]),
     "Athens": ([("The Parthenon", "Cairo")], ["The Acropolis"]),
     "Washington": ([("The White House", "Boston")], ["The Capitol", "The Washington Monument"]),
 }
