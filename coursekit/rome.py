@@ -797,10 +797,11 @@ def peak_layer(traces: Sequence[Trace], kind: str = "mlp", position="subject_las
     restoring ``kind`` at ``position`` over the facts is largest."""
     import numpy as np
 
-    curve = np.nanmean(site_effects(traces, kind, position), 0)
-    if np.isnan(curve).all():
+    eff = site_effects(traces, kind, position)
+    traced = np.flatnonzero(~np.isnan(eff).all(0))   # layers a trace restored (layer_step skips the others)
+    if traced.size == 0:
         raise CourseError(f"peak_layer(): no layer of these traces restored {kind!r} at {position!r}")
-    return int(np.nanargmax(curve))
+    return int(traced[np.argmax(np.nanmean(eff[:, traced], 0))])
 
 
 HELD_OUT = dict(n=8, length=48, seed=1)   # the drift texts: another sample than C's, never used to estimate it
