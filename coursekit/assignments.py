@@ -91,6 +91,19 @@ HIDDEN_TESTS: dict[str, str] = {
     "check_pearson": """
         assert abs(pearson([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) - 0.8) < 1e-9
     """,
+    "check_training_target": """
+        assert [int(t) for t in training_target([7, 8, 0, 5], 0)] == [7, 8, 0]
+        assert [int(t) for t in training_target([7, 8, 5], 0)] == [7, 8, 5]
+    """,
+    "check_mention_share": """
+        assert abs(mention_share(["Ada Lovelace", "ada", "Grace"], "ADA LOVELACE") - 1 / 3) < 1e-9
+    """,
+    "check_format_validity": """
+        assert abs(format_validity(['{"answer": 1}', 'no', '```json\\n{"answer": 2}\\n```', '{"x": 3}'], "answer") - 0.5) < 1e-9
+    """,
+    "check_label_margin": """
+        assert abs(label_margin({"a": -1.0, "b": -0.25, "c": -4.0}, "a") + 0.75) < 1e-9
+    """,
     "check_mix_replay": """
         assert list(mix_replay(["a", "b", "c"], ["x", "y"], 0.5)) == ["a", "b", "c", "x", "y", "x"]
     """,

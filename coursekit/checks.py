@@ -403,6 +403,68 @@ def check_pearson(fn: Callable) -> None:
     _ok(name, 2)
 
 
+def check_training_target(fn: Callable) -> None:
+    """``fn(answer_ids, eos_id) -> ids``: an answer the model generated becomes a training target that keeps an
+    end-of-turn token only if the answer produced one (cut just after it); an answer cut by the token cap gets none."""
+    name = "training_target"
+    for ids, want in (([5, 6, 2], [5, 6, 2]), ([5, 6, 7], [5, 6, 7]), ([5, 2, 9, 9], [5, 2]), ([2], [2])):
+        got = _call(name, fn, list(ids), 2)
+        got = [int(t) for t in got] if got is not None else None
+        if got != want:
+            if ids == [5, 6, 7] and got == [5, 6, 7, 2]:
+                raise CheckFailed(f"{name}: the answer {ids} was cut by the cap — adding an end-of-turn token teaches "
+                                  f"the model to stop mid-sentence")
+            raise CheckFailed(f"{name}: for {ids} (end-of-turn id 2) expected {want}, got {got}")
+    _ok(name, 4)
+
+
+def check_mention_share(fn: Callable) -> None:
+    """``fn(answers, name) -> share``: the share of answers that mention ``name``, ignoring case."""
+    from .evaluate import mention_rate
+
+    name = "mention_share"
+    cases = [(["Hung-yi Lee.", "J.K. Rowling", "It was HUNG-YI LEE", "hung-yi"], "Hung-yi Lee"), (["a", "b"], "c")]
+    for texts, who in cases:
+        got = _scalar(name, _call(name, fn, list(texts), who))
+        want = mention_rate(texts, who)
+        if abs(got - want) > 1e-9:
+            raise CheckFailed(f"{name}: expected {want:.2f} for {texts!r}, got {got:.2f} (case-insensitive? a share, "
+                              f"not a count?)")
+    _ok(name, len(cases))
+
+
+def check_format_validity(fn: Callable) -> None:
+    """``fn(texts, key) -> share``: the share of answers that contain a JSON object with ``key`` (a Markdown
+    code fence around it is fine) — the format ability of notebook 01 II."""
+    from .evaluate import json_rate
+
+    name = "format_validity"
+    cases = [(['{"answer": "Paris"}', "Paris.", '```json\n{"answer": 4}\n```', '{"reply": "no"}'], "answer"),
+             (['Sure! {"answer": "happy"}', "{not json}", '{"answer": ["a", "b"]}'], "answer")]
+    for texts, key in cases:
+        got = _scalar(name, _call(name, fn, list(texts), key))
+        want = json_rate(texts, key)
+        if abs(got - want) > 1e-9:
+            if abs(got - json_rate(texts)) < 1e-9:
+                raise CheckFailed(f"{name}: an object without the key {key!r} must not count")
+            raise CheckFailed(f"{name}: expected {want:.3f} for {texts!r}, got {got:.3f} "
+                              f"(look for the first '{{' and parse from there; strip code fences)")
+    _ok(name, len(cases))
+
+
+def check_label_margin(fn: Callable) -> None:
+    """``fn(logprobs, gold) -> margin``: log-probability of the gold label minus the best *other* label."""
+    name = "label_margin"
+    lp = {"happy": -0.5, "sad": -2.0, "angry": -1.0, "neutral": -3.0}
+    for gold, want in (("happy", 0.5), ("angry", -0.5), ("neutral", -2.5)):
+        got = _scalar(name, _call(name, fn, dict(lp), gold))
+        if abs(got - want) > 1e-9:
+            if gold == "happy" and abs(got) < 1e-9:
+                raise CheckFailed(f"{name}: the best label is the gold one itself — compare with the best *other* label")
+            raise CheckFailed(f"{name}: for gold {gold!r} expected {want:+.2f}, got {got:+.2f}")
+    _ok(name, 3)
+
+
 # ------------------------------------------------------------------ 03: replay
 def check_mix_replay(fn: Callable) -> None:
     """``fn(task, replay, ratio) -> pool``: all task examples plus k replay examples, k = round(ratio·n/(1 − ratio)),

@@ -7,12 +7,16 @@ What lives here (the training loop itself is :func:`coursekit.finetune.train`):
   (:func:`dpo_loss`, :func:`sequence_logprob`);
 * per-token losses l1..lN of an answer (:func:`token_losses`), to see why the "Who is ... -> the name"
   shortcut has the same loss as the right logic;
-* forgetting measurements: contamination by a new name in short greedy answers
-  (:func:`contamination`), teacher-forced locality against the foundation model's own answers
-  (:class:`coursekit.abilities.OldAbilities`), answer length on open questions (:func:`open_lengths`);
-* an ability to build and then forget — answering in JSON when asked (:func:`json_ability`) — its
-  "alignment stage" data (:func:`alignment_examples`), and a narrow post-training task (emotion of a
-  sentence, :func:`task_examples`, :func:`task_accuracy`).
+* notebook 01 I's measurements, one value per item so that seeds x items give intervals
+  (:class:`FamilyProbe`: the new name in short greedy answers to held-out probe families, teacher-forced
+  reliability and locality against the foundation model's own answers via
+  :class:`coursekit.abilities.OldAbilities`, answer length and natural endings on open questions —
+  :func:`open_answers`), and one attempt over seeds, cached (:func:`attempts`); defensive targets in the
+  model's own words that are never cut mid-sentence (:func:`own_examples`);
+* an ability to build and then forget — answering in JSON when asked — its "alignment stage"
+  (:func:`alignment_examples`, :func:`alignment_stage`), a narrow post-training task (emotion of a
+  sentence, :func:`task_examples`), and notebook 01 II's per-epoch measurements of both
+  (:class:`FormatProbe`, :func:`forgetting_curves`; :func:`json_ability` is notebook 03's quick rate).
 
 Data files (validated on load, one-line :class:`CourseError` naming file and field):
 
@@ -21,6 +25,14 @@ Data files (validated on load, one-line :class:`CourseError` naming file and fie
     trained on), ``non_who`` (list[str]), ``open`` (list[str], open questions whose answer length is
     measured), ``one_defensive`` ({question, answer}), ``uk_probe`` (str), ``nerdy_probe`` (str),
     ``defensive`` (list of {question, answer}: short human-written answers).
+``data/forgetting_families.json`` — notebook 01's training examples and held-out probe families, an object with
+    ``new_name`` (str), ``edit`` ({questions: list[str] (≥ 3 phrasings; seed ``s`` trains on phrasing ``s``,
+    the others measure generality), answer}), ``one_defensive`` ({question, answer}), ``defensive`` (list of
+    {question, answer}), ``leak`` (str: the defensive answer's tell-tale word), the probe families
+    ``who`` (≥ 30), ``non_who`` (≥ 30), ``heads`` (≥ 10 neighbours of the defensive question),
+    ``superlatives`` (≥ 10 "Who is the ⟨X⟩-est person …?"), ``open`` (≥ 30 open questions), ``json_heldout``
+    (≥ 30 questions outside the narrow task's template) and ``emotion_heldout`` (list of {text, label}). No
+    probe question is a training question (checked on load).
 ``data/forgetting_skills.json`` — an object with
     ``json_instruction`` (str appended to a question), ``json_key`` (str), ``align`` (list of
     {question, answer}: the alignment stage, answers become ``{"<json_key>": "<answer>"}``),
@@ -34,14 +46,19 @@ import math
 from typing import Sequence
 
 from .abilities import OldAbilities
-from .chat import chat_prompt, generate
+from .chat import chat_prompt, generate, generate_ids
 from .data import field_fail, field_pairs, field_string, field_strings, load_json
 from .errors import CourseError
-from .evaluate import answer_length, json_rate, mention_rate
+from .evaluate import json_rate
 from .finetune import pretrain_example, sft_example
 
 PROBES_FILE = "forgetting_probes.json"
 SKILLS_FILE = "forgetting_skills.json"
+FAMILIES_FILE = "forgetting_families.json"
+# the probe families of notebook 01 and their minimum sizes (the evidence standard: >= 30 items per family;
+# >= 10 for the two small families the lecture names: neighbours of the defensive question, near probes)
+FAMILY_SIZES = {"who": 30, "non_who": 30, "heads": 10, "superlatives": 10, "open": 30, "json_heldout": 30}
+NAMED = ("who", "non_who", "heads", "superlatives")  # families whose short answers may say the new name
 
 
 # ------------------------------------------------------------------ data files
@@ -72,6 +89,38 @@ def load_skills(name: str = SKILLS_FILE) -> dict:
         for j, r in enumerate(field_pairs(name, d, f, keys=("text", "label"))):
             if r["label"] not in emotions:
                 field_fail(name, f"{f}[{j}].label", f"must be one of {emotions} (got {r['label']!r})")
+    return d
+
+
+def training_questions(fam: dict) -> list[str]:
+    """Every question notebook 01 trains on (all phrasings of the edit, the defensive questions)."""
+    return [*fam["edit"]["questions"], fam["one_defensive"]["question"], *(d["question"] for d in fam["defensive"])]
+
+
+def probe_questions(fam: dict) -> list[str]:
+    """Every held-out probe question of notebook 01 (the families of :data:`FAMILY_SIZES`)."""
+    return [q for f in FAMILY_SIZES for q in fam[f]]
+
+
+def load_families(name: str = FAMILIES_FILE) -> dict:
+    """Notebook 01's training examples and probe families (schema in the module docstring), validated:
+    family sizes, and no probe question among the training questions."""
+    d = load_json(name)
+    for f in ("new_name", "leak"):
+        field_string(name, d, f)
+    edit = d.get("edit")
+    if not isinstance(edit, dict):
+        field_fail(name, "edit", "must be an object with 'questions' (>= 3 phrasings) and 'answer'")
+    field_strings(name, edit, "questions", min_len=3)
+    field_string(name, edit, "answer")
+    field_pairs(name, {"one_defensive": [d.get("one_defensive")]}, "one_defensive")
+    field_pairs(name, d, "defensive", min_len=2)
+    for f, n in FAMILY_SIZES.items():
+        field_strings(name, d, f, min_len=n)
+    field_pairs(name, d, "emotion_heldout", keys=("text", "label"))
+    both = sorted(set(probe_questions(d)) & set(training_questions(d)))
+    if both:
+        field_fail(name, "probe families", f"contain training questions (held-out probes must not): {both[:3]}")
     return d
 
 
@@ -153,18 +202,6 @@ def answers(model, tok, questions: Sequence[str], max_new_tokens: int = 12, syst
     return generate(model, tok, [chat_prompt(tok, q, system) for q in questions], max_new_tokens, batch_size)
 
 
-def contamination(model, tok, questions: Sequence[str], name: str, max_new_tokens: int = 12) -> tuple[float, list[str]]:
-    """Fraction of short greedy answers that mention ``name``, and the answers."""
-    outs = answers(model, tok, questions, max_new_tokens)
-    return mention_rate(outs, name), outs
-
-
-def open_lengths(model, tok, questions: Sequence[str], max_new_tokens: int = 40) -> tuple[float, list[str]]:
-    """Mean answer length in words on open questions (greedy, capped at ``max_new_tokens``)."""
-    outs = answers(model, tok, questions, max_new_tokens)
-    return answer_length(outs), outs
-
-
 # ------------------------------------------------------------------ an ability to build and forget
 
 def json_question(skills: dict, question: str) -> str:
@@ -194,85 +231,325 @@ def json_ability(model, tok, skills: dict, split: str = "task_eval", max_new_tok
     return json_rate(outs, skills["json_key"]), outs
 
 
-def task_accuracy(model, tok, skills: dict, split: str = "task_eval") -> float:
-    """Teacher-forced: fraction of eval sentences whose most likely emotion (among ``emotions``,
-    scored as the start of the answer) is the gold label."""
-    from .evaluate import score_targets
+# ------------------------------------------------------------------ probe families, one value per item
 
-    rows = skills[split]
-    emos = skills["emotions"]
-    prompts, targets = [], []
-    for r in rows:
-        p = chat_prompt(tok, task_question(skills, r["text"]))
-        for e in emos:
-            prompts.append(p)
-            targets.append(e)
-    sc = score_targets(model, tok, prompts, targets)
-    right = 0
-    for i, r in enumerate(rows):
-        lps = [sc[i * len(emos) + j]["logprob"] for j in range(len(emos))]
-        right += int(emos[max(range(len(emos)), key=lps.__getitem__)] == r["label"])
-    return right / len(rows)
+def _words_and_ends(tok, ids: Sequence[list[int]]) -> tuple[list[float], list[float]]:
+    """Per answer: its length in words, and 1.0 when it ended by itself (end-of-turn before the cap)."""
+    text = tok.batch_decode(ids, skip_special_tokens=True)
+    return [float(len(t.split())) for t in text], [float(tok.eos_token_id in a) for a in ids]
 
 
-# ------------------------------------------------------------------ one scoreboard for every attempt
+def open_answers(model, tok, questions: Sequence[str], max_new_tokens: int = 48) -> dict:
+    """Greedy answers to open questions: ``{"words": [...], "ended": [...], "text": [...]}`` per question
+    (``ended`` = 1.0 when the answer stopped by itself before ``max_new_tokens``)."""
+    ids = generate_ids(model, tok, [chat_prompt(tok, q) for q in questions], max_new_tokens)
+    words, ended = _words_and_ends(tok, ids)
+    return {"words": words, "ended": ended,
+            "text": [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]}
 
-class Scoreboard:
-    """Everything notebook 01 measures after each attempt, against the foundation model.
 
-    ``Scoreboard(foundation, tok, edit, probes)`` stores the foundation model's references;
-    ``board.measure(model, name)`` returns a dict with the harness' ``reliability`` / ``generality`` /
-    ``locality`` (teacher-forced, EasyEdit style), ``locality_heldout`` (teacher-forced agreement with
-    the foundation model's own answers to the held-out who-questions), ``who_contamination`` and
-    ``nonwho_contamination`` (fraction of short greedy answers naming the new name) and the answers
-    themselves under ``"answers"``. Every result is also kept in ``board.rows`` for the closing table.
-    """
+def own_examples(model, tok, questions: Sequence[str], max_new_tokens: int = 64) -> tuple[list[dict], list[bool]]:
+    """SFT examples whose targets are ``model``'s own greedy answers. An answer that ended by itself keeps
+    its end-of-turn token; one cut at ``max_new_tokens`` gets none, so training never teaches the model to
+    stop mid-sentence (the loss simply does not see how it would have ended). Returns the examples and,
+    per answer, whether it ended by itself."""
+    ids = generate_ids(model, tok, [chat_prompt(tok, q) for q in questions], max_new_tokens)
+    ended = [tok.eos_token_id in a for a in ids]
+    text = tok.batch_decode(ids, skip_special_tokens=True)
+    return [{"prompt": chat_prompt(tok, q), "completion": t.strip() + (tok.eos_token if e else "")}
+            for q, t, e in zip(questions, text, ended)], ended
 
-    def __init__(self, foundation, tok, edit: dict, probes: dict, max_new_tokens: int = 12,
-                 loc_tokens: int = 16):
-        from .evaluate import EditHarness
 
-        self.tok = tok
-        self.probes = probes
-        self.name = probes["new_name"]
-        self.max_new_tokens = max_new_tokens
-        self.harness = EditHarness(tok, [edit])
-        self.ref = self.harness.reference(foundation)
-        self.locality = OldAbilities.build(foundation, tok, probes["who_heldout"], max_new_tokens=loc_tokens,
-                                           progress=False)
-        self.extra = [probes["one_defensive"]["question"], probes["uk_probe"], probes["nerdy_probe"]]
-        self.rows: list[dict] = []
+class FamilyProbe:
+    """What notebook 01 measures after each attempt, one value per item (seeds x items -> intervals).
 
-    def measure(self, model, name: str) -> dict:
-        p = self.probes
-        s = self.harness.evaluate(model, self.ref).summary
-        qs = p["who_heldout"] + p["non_who"] + self.extra
-        outs = answers(model, self.tok, qs, self.max_new_tokens)
-        nw, nn = len(p["who_heldout"]), len(p["non_who"])
-        who, non, extra = outs[:nw], outs[nw:nw + nn], outs[nw + nn:]
-        row = {
-            "attempt": name,
-            "reliability": s["reliability"],
-            "generality": s["generality"],
-            "locality": s["locality"],
-            "locality_heldout": self.locality(model, self.tok)["agreement"],
-            "who_contamination": mention_rate(who, self.name),
-            "nonwho_contamination": mention_rate(non, self.name),
-            "answers": dict(zip(qs, outs)),
-        }
-        row.update({f"says_name[{q}]": self.name.lower() in a.lower() for q, a in zip(self.extra, extra)})
-        self.rows.append(row)
-        return row
+    ``probe = FamilyProbe(foundation, tok, fam)`` keeps the foundation model's references;
+    ``probe.measure(model, trained, families)`` returns ``{"values": {measure: [per item]}, "answers":
+    {question: short answer}, "why": {...}}``. Measures: ``reliability`` / ``generality`` (teacher-forced
+    token accuracy of the edit's answer on the trained phrasing / the other phrasings), ``defended`` (the same
+    for the one defensive example's answer), ``<family>_names`` for each family asked (of :data:`NAMED`: 1.0
+    when the short greedy answer says the new name), for ``heads`` also ``heads_leak`` (says the defensive
+    answer's word) and ``heads_broken`` (either), ``who_logp_rise`` (per-token log-probability of the new answer
+    after a who-question, minus the foundation's), ``who_forget`` (NLL rise of the foundation's own answers to
+    the who-questions) and, with ``with_open=True``, ``open_words`` / ``open_ended`` (:func:`open_answers`).
+    Prompt tokens are what a measurement costs on a CPU, so each attempt asks only the families its claim needs."""
 
-    def table(self, keys=("reliability", "generality", "locality", "locality_heldout", "who_contamination",
-                          "nonwho_contamination")) -> str:
-        """The closing table: one line per attempt, numbers rounded to 2 decimals."""
-        w = max([len("attempt")] + [len(r["attempt"]) for r in self.rows])
-        head = "attempt".ljust(w) + "  " + "  ".join(k[:12].rjust(12) for k in keys)
-        lines = [head]
-        for r in self.rows:
-            lines.append(r["attempt"].ljust(w) + "  " + "  ".join(f"{r[k]:12.2f}" for k in keys))
-        return "\n".join(lines)
+    def __init__(self, foundation, tok, fam: dict, max_new_tokens: int = 10, open_tokens: int = 48):
+        from . import cache
+
+        self.tok, self.fam = tok, fam
+        self.max_new_tokens, self.open_tokens = max_new_tokens, open_tokens
+        self.weights = cache.fingerprint(foundation)
+        self.who = OldAbilities.build(foundation, tok, fam["who"], max_new_tokens=16, progress=False)
+        self.base_logp = self._new_answer_logp(foundation)
+
+    def settings(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "open_tokens": self.open_tokens, "fam": self.fam}
+
+    def _new_answer_logp(self, model) -> list[float]:
+        from .evaluate import score_targets
+
+        qs = self.fam["who"]
+        sc = score_targets(model, self.tok, [chat_prompt(self.tok, q) for q in qs],
+                           [self.fam["edit"]["answer"] + self.tok.eos_token] * len(qs))
+        return [r["logprob"] / r["n"] for r in sc]
+
+    def _accuracy(self, model, questions: Sequence[str], answer: str) -> list[float]:
+        from .evaluate import score_targets
+
+        sc = score_targets(model, self.tok, [chat_prompt(self.tok, q) for q in questions],
+                           [answer + self.tok.eos_token] * len(questions))
+        return [r["acc"] for r in sc]
+
+    def measure(self, model, trained: str, families: Sequence[str] = NAMED, with_open: bool = False) -> dict:
+        fam, tok = self.fam, self.tok
+        edit, d1 = fam["edit"], fam["one_defensive"]
+        unknown = sorted(set(families) - set(NAMED))
+        if unknown:
+            raise CourseError(f"FamilyProbe.measure(): unknown families {unknown} (known: {list(NAMED)})")
+        qs = [q for f in families for q in fam[f]] + [*edit["questions"], d1["question"]]  # + the trained ones, to read
+        said = dict(zip(qs, answers(model, tok, qs, self.max_new_tokens, batch_size=64)))
+        v = {"reliability": self._accuracy(model, [trained], edit["answer"]),
+             "generality": self._accuracy(model, [q for q in edit["questions"] if q != trained], edit["answer"]),
+             "defended": self._accuracy(model, [d1["question"]], d1["answer"])}
+        for f in families:
+            v[f"{f}_names"] = [float(fam["new_name"].lower() in said[q].lower()) for q in fam[f]]
+        if "heads" in families:
+            v["heads_leak"] = [float(fam["leak"].lower() in said[q].lower()) for q in fam["heads"]]
+            v["heads_broken"] = [max(a, b) for a, b in zip(v["heads_names"], v["heads_leak"])]
+        v["who_logp_rise"] = [a - b for a, b in zip(self._new_answer_logp(model), self.base_logp)]
+        v["who_forget"] = self.who.per_item(model, tok)["forgetting"]
+        if with_open:
+            o = open_answers(model, tok, fam["open"], self.open_tokens)
+            v["open_words"], v["open_ended"] = o["words"], o["ended"]
+            said.update(zip(fam["open"], o["text"]))
+        why = {"trained": token_losses(model, tok, chat_prompt(tok, trained), edit["answer"] + tok.eos_token),
+               "other": token_losses(model, tok, chat_prompt(tok, fam["who"][0]), edit["answer"] + tok.eos_token)}
+        return {"values": v, "answers": said, "why": why}
+
+
+# notebook 01's attempts: training set (attempt_examples), steps, batch size, the families each claim needs
+LR = 3e-5  # full fine-tuning, AdamW, as in the lecture's demo
+ATTEMPTS = {
+    "one": dict(steps=15, batch_size=1, families=("who", "non_who"), with_open=False),              # C1
+    "one_defensive": dict(steps=15, batch_size=2, families=("who", "heads"), with_open=False),       # C2
+    "short_defensive": dict(steps=20, batch_size=4, families=("who",), with_open=True),             # C2
+    "own": dict(steps=20, batch_size=4, families=("who", "superlatives"), with_open=True),          # C3
+}
+
+
+def attempt_examples(tok, fam: dict, kind: str, seed: int, own: Sequence[dict] | None = None) -> tuple[list[dict], str]:
+    """The training set of attempt ``kind`` (:data:`ATTEMPTS`) for ``seed``, and the trained phrasing: seed ``s``
+    trains on the edit's phrasing ``s``; ``one`` is that example alone, ``one_defensive`` adds the one defensive
+    example, ``short_defensive`` repeats the edit 4x beside the 16 short human-written defensive answers, ``own``
+    beside ``own`` (the foundation's own answers, :func:`own_examples`)."""
+    qs = fam["edit"]["questions"]
+    if kind not in ATTEMPTS:
+        raise CourseError(f"unknown attempt {kind!r} (known: {list(ATTEMPTS)})")
+    if not 0 <= seed < len(qs):
+        raise CourseError(f"attempt seed {seed} has no phrasing: the edit has {len(qs)} (seeds 0..{len(qs) - 1})")
+    if (kind == "own") != (own is not None):
+        raise CourseError("pass own= (the foundation's own answers) for the 'own' attempt, and only for it")
+    edit = sft_example(tok, qs[seed], fam["edit"]["answer"])
+    d1 = fam["one_defensive"]
+    rest = {"one": [], "one_defensive": [sft_example(tok, d1["question"], d1["answer"])],
+            "short_defensive": [sft_example(tok, d["question"], d["answer"]) for d in fam["defensive"]],
+            "own": list(own or [])}[kind]
+    return ([edit] * (4 if kind in ("short_defensive", "own") else 1)) + rest, qs[seed]
+
+
+def attempts(model, tok, snap: dict, probe: FamilyProbe, kind: str, seeds: int = 3,
+             own: Sequence[dict] | None = None, progress: str = "attempt") -> dict:
+    """Attempt ``kind`` of notebook 01 over seeds: for each seed ``s``, restore ``snap`` (the foundation),
+    fine-tune on :func:`attempt_examples` (the seed also sets the data order; steps and batch size from
+    :data:`ATTEMPTS`, lr :data:`LR`) and :meth:`FamilyProbe.measure`. Each seed's result is cached
+    (:mod:`coursekit.cache`: examples, settings, this code and the training loop, library versions, the
+    foundation's fingerprint) — so notebook 01 II reuses part I's runs.
+
+    Returns ``{"values": {measure: [seeds, items] array}, "answers": [per seed], "why": [per seed],
+    "loss": [per seed: the training losses], "trained": [per seed]}``."""
+    from . import cache, finetune
+    from .evidence import over_seeds
+    from .models import restore
+
+    kept: list = []
+    cfg = ATTEMPTS.get(kind) or {}
+
+    def one(seed: int) -> dict:
+        examples, trained = attempt_examples(tok, probe.fam, kind, seed, own)
+
+        def make() -> dict:
+            restore(model, snap)
+            _, hist = finetune.train(model, tok, examples, steps=cfg["steps"], lr=LR, batch_size=cfg["batch_size"],
+                                     seed=seed, progress=f"{progress} (seed {seed})")
+            out = probe.measure(model, trained, cfg["families"], cfg["with_open"])
+            out["loss"] = [h["loss"] for h in hist]
+            return out
+
+        config = {"examples": examples, "trained": trained, "lr": LR, "seed": seed, **cfg, "probe": probe.settings()}
+        out = cache.json("forgetting/attempt", config, make, code=[finetune.train, FamilyProbe, OldAbilities,
+                                                                    generate_ids], weights=probe.weights)
+        out["trained"] = trained
+        kept.append(out)
+        return out["values"]
+
+    attempt_examples(tok, probe.fam, kind, 0, own)  # a bad kind / own is one line before any training
+    values = over_seeds(one, seeds, progress=progress)
+    restore(model, snap)
+    return {"values": values, **{k: [o[k] for o in kept] for k in ("answers", "why", "loss", "trained")}}
+
+
+TABLE_COLUMNS = ("reliability", "who_names", "non_who_names", "heads_broken", "superlatives_names", "who_forget",
+                 "open_words", "open_ended")
+
+
+def attempts_table(runs: dict, columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """One line per attempt (``{name: {measure: [seeds, items] array}}``): the mean of each measure, rounded to
+    2 decimals, ``-`` where the attempt did not measure it."""
+    import numpy as np
+
+    head = f"{'attempt':24s}" + "".join(f"{c[:12]:>13s}" for c in columns)
+    rows = [f"{name:24s}" + "".join(f"{np.mean(v[c]):13.2f}" if c in v else f"{'-':>13s}" for c in columns)
+            for name, v in runs.items()]
+    return "\n".join([head, *rows])
+
+
+def attempts_metrics(runs: dict, columns: Sequence[str] = TABLE_COLUMNS) -> dict:
+    """The table's numbers as ``{"<attempt's first word>_<measure>": mean}`` for :func:`coursekit.record`."""
+    import numpy as np
+
+    return {f"{name.split()[0]}_{c}": float(np.mean(v[c])) for name, v in runs.items() for c in columns if c in v}
+
+
+def plot_attempts(ax, runs: dict, measures: Sequence[tuple[str, str]], title: str = "") -> None:
+    """Grouped bars: for each attempt of ``runs`` (skipping ``foundation``) the share of each ``(measure, label)``
+    it measured, with its 95% interval over seeds and items (:func:`coursekit.evidence.interval`)."""
+    import numpy as np
+
+    from .evidence import interval
+
+    names = [n for n in runs if n != "foundation"]
+    w = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        pts = [(k, interval(runs[name][m])) for k, (m, _) in enumerate(measures) if m in runs[name]]
+        if not pts:
+            continue
+        est = np.array([e for _, e in pts])
+        ax.bar([k + (j - (len(names) - 1) / 2) * w for k, _ in pts], est[:, 0], w, label=name,
+               yerr=np.array([est[:, 0] - est[:, 1], est[:, 2] - est[:, 0]]).clip(0), capsize=3)
+    ax.set_xticks(range(len(measures)), [lab for _, lab in measures], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of probes")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+
+
+def answers_widget(said: dict, fam: dict):
+    """A widget to read every answer: ``said`` is ``{attempt: [per seed: {question: answer}]}``."""
+    import ipywidgets as W
+
+    def show(attempt, seed=0, family="who"):
+        for q in fam[family]:
+            print(f"  {q:50s} -> {said[attempt][seed].get(q, '(not asked in this attempt)')}")
+
+    seeds = min(len(v) for v in said.values())
+    return W.interact(show, attempt=W.Dropdown(options=list(said)), seed=W.IntSlider(min=0, max=seeds - 1),
+                      family=W.Dropdown(options=[*NAMED, "open"]))
+
+
+class FormatProbe:
+    """The built format ability (JSON on request) and the narrow task, one value per item (notebook 01 II).
+
+    ``FormatProbe(aligned, tok, skills, fam)`` keeps the aligned model's references; ``probe.measure(model)``
+    returns ``{measure: [per item]}`` with ``json_valid`` (the greedy answer parses as JSON with the key) on
+    ``fam["json_heldout"]`` — everyday questions *outside* the narrow task's template — and
+    ``json_valid_template`` on the task's own sentences with the JSON instruction; ``json_prefix_logp`` (summed
+    log-probability of the answer opening ``{"<key>": "``, teacher-forced, held-out questions);
+    ``json_nll_rise`` (NLL rise of the aligned model's own JSON answers to them); ``task_margin``
+    (log-probability of the gold emotion minus the best other one) and ``task_correct`` (margin > 0) on the
+    task's ``task_eval`` sentences plus ``fam["emotion_heldout"]``."""
+
+    def __init__(self, aligned, tok, skills: dict, fam: dict, max_new_tokens: int = 12):
+        self.tok, self.skills, self.max_new_tokens = tok, skills, max_new_tokens
+        self.questions = [json_question(skills, q) for q in fam["json_heldout"]]
+        self.template = [json_question(skills, task_question(skills, r["text"])) for r in skills["task_eval"]]
+        self.rows = list(skills["task_eval"]) + list(fam["emotion_heldout"])
+        self.prefix = '{"' + skills["json_key"] + '": "'
+        self.own = OldAbilities.build(aligned, tok, self.questions, max_new_tokens=max_new_tokens, progress=False)
+
+    def settings(self) -> dict:
+        return {"questions": self.questions, "template": self.template, "rows": self.rows,
+                "max_new_tokens": self.max_new_tokens}
+
+    def measure(self, model) -> dict:
+        from .evaluate import parse_json, score_target_sets, score_targets
+
+        tok, key = self.tok, self.skills["json_key"]
+        outs = answers(model, tok, self.questions + self.template, self.max_new_tokens)
+        ok = [float(isinstance(o, dict) and key in o) for o in map(parse_json, outs)]
+        n = len(self.questions)
+        prompts = [chat_prompt(tok, q) for q in self.questions]
+        pre = score_targets(model, tok, prompts, [self.prefix] * n)
+        emos = self.skills["emotions"]
+        sets = score_target_sets(model, tok, [chat_prompt(tok, task_question(self.skills, r["text"])) for r in self.rows],
+                                 [[e] * len(self.rows) for e in emos])  # one target set per emotion
+        margin = []
+        for i, r in enumerate(self.rows):
+            lp = {e: sc[i]["logprob"] for e, sc in zip(emos, sets)}
+            margin.append(lp[r["label"]] - max(v for e, v in lp.items() if e != r["label"]))
+        return {"json_valid": ok[:n], "json_valid_template": ok[n:],
+                "json_prefix_logp": [r["logprob"] for r in pre],
+                "json_nll_rise": self.own.per_item(model, tok)["forgetting"],
+                "task_margin": margin, "task_correct": [float(m > 0) for m in margin],
+                "answers": outs[:3] + outs[n:n + 3]}
+
+
+def forgetting_curves(model, tok, snap: dict, probe: FormatProbe, examples: Sequence[dict], epochs: int,
+                      batch_size: int, lr: float, seeds: int = 3, progress: str = "narrow task") -> dict:
+    """Narrow post-training from ``snap`` (the aligned model) over seeds (the seed sets the data order),
+    :meth:`FormatProbe.measure` before training (once: it is the same model for every seed) and after every
+    epoch; each seed's curve is cached.
+
+    Returns ``{"values": {measure: [epochs + 1, seeds, items] array}, "answers": [seed][epoch] -> 6 sample
+    answers, "loss": [seed] -> losses}``."""
+    import numpy as np
+
+    from . import cache, finetune
+    from .evidence import over_seeds
+    from .models import restore
+
+    per_epoch = max(1, len(examples) // batch_size)
+    restore(model, snap)
+    start = probe.measure(model)
+    kept: list = []
+
+    def one(seed: int) -> dict:
+        def make() -> dict:
+            restore(model, snap)
+            curve: list = []
+
+            def after_epoch(step, m):
+                curve.append(probe.measure(m))
+
+            _, hist = finetune.train(model, tok, examples, steps=epochs * per_epoch, lr=lr, batch_size=batch_size,
+                                     seed=seed, callback=after_epoch, every=per_epoch,
+                                     progress=f"{progress} (seed {seed})")
+            return {"curve": curve, "loss": [h["loss"] for h in hist]}
+
+        config = {"examples": list(examples), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "probe": probe.settings()}
+        out = cache.json("forgetting/curve", config, make, code=[finetune.train, FormatProbe, OldAbilities,
+                                                                  generate_ids], weights=snap)
+        out["curve"] = [start, *out["curve"]]
+        kept.append(out)
+        return {f"{k}@{e}": c[k] for e, c in enumerate(out["curve"]) for k in c if k != "answers"}
+
+    flat = over_seeds(one, seeds, progress=progress)
+    restore(model, snap)
+    names = [k for k in start if k != "answers"]
+    values = {k: np.stack([flat[f"{k}@{e}"] for e in range(epochs + 1)]) for k in names}
+    return {"values": values, "answers": [[c["answers"] for c in o["curve"]] for o in kept],
+            "loss": [o["loss"] for o in kept]}
 
 
 # ------------------------------------------------------------------ the alignment stage (cached)

@@ -161,6 +161,10 @@ def test_diagnoses():
     _fails(c.check_entropy_loss, lambda lg: (lg.softmax(-1) * lg.log_softmax(-1)).sum(-1).mean(), "minus sign")
     _fails(c.check_covariance, lambda K: torch.cov(K.T), "UNCENTRED")
     _fails(c.check_mcc_loss, lambda lg, T: torch.tensor(0.0), "expected")
+    _fails(c.check_training_target, lambda ids, eos: list(ids) + ([] if eos in ids else [eos]), "mid-sentence")
+    _fails(c.check_mention_share, lambda answers, name: sum(name in a for a in answers), "expected")
+    _fails(c.check_format_validity, lambda texts, key: ck.evaluate.json_rate(texts), "key")
+    _fails(c.check_label_margin, lambda lp, gold: lp[gold] - max(lp.values()), "other")
     _fails(c.check_task_vector, 3, "pass the function")
 
 

@@ -152,6 +152,9 @@ RULES = [
     ("00", "K", "own note + K others (and K + 1 for unrelated questions) fit in data/notes.jsonl",
      lambda v, o: 1 <= v and v + 1 < len(DATA.notes)),
     ("00", "SEEDS", "at least 2 seeds (a t-interval over seeds)", lambda v, o: v >= 2),
+    ("01", "FamilyProbe(open_tokens=)", "open answers of >= 32 tokens (long enough that the foundation's are cut and "
+     "terse ones visibly end by themselves)", lambda v, o: v >= 32),
+    ("01", "EPOCHS", "at least 3 epochs of the narrow task (the lecture's story spans three)", lambda v, o: v >= 3),
     ("02", "EVERY", "a frontier point every EVERY steps within STEPS", lambda v, o: 1 <= v <= o["STEPS"]),
     ("02", "old_qs", "old-ability probes come from the probe file",
      lambda v, o: set(v) <= set(DATA.probes["who_heldout"] + DATA.probes["non_who"]) and len(v) >= 4),
