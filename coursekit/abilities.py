@@ -95,8 +95,13 @@ class OldAbilities:
     @classmethod
     def build(cls, foundation, tok, questions: Sequence[str] | None = None, split: str = "eval",
               max_new_tokens: int = 32, topk: int = 256, batch_size: int = 16,
-              progress: bool | str = "old abilities") -> "OldAbilities":
-        """Generate (once, cached) the foundation's greedy answers and keep what scoring needs."""
+              progress: bool | str = "old abilities", items: int | None = None,
+              answer_tokens: int | None = None) -> "OldAbilities":
+        """Generate (once, cached) the foundation's greedy answers and keep what scoring needs.
+
+        ``items`` keeps the first items and ``answer_tokens`` the first tokens of each answer, after the
+        answers of the whole set were generated (so the cached answers are shared with the full set):
+        a cheaper measure for notebooks that score after every training step."""
         import torch
 
         from . import cache
@@ -115,6 +120,10 @@ class OldAbilities:
                              lambda: generate_ids(foundation, tok, prompts, max_new_tokens, progress=progress),
                              code=[generate_ids], weights=foundation)
         answers = [a if a else [tok.eos_token_id] for a in answers]
+        for name, v in (("items", items), ("answer_tokens", answer_tokens)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise CourseError(f"OldAbilities.build(): {name} must be a positive int (got {v!r})")
+        qs, prompts, answers = qs[:items], prompts[:items], [a[:answer_tokens] for a in answers[:items]]
         p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         n = len(qs)
         base_nll, top_ids, top_logp = [0.0] * n, [None] * n, [None] * n

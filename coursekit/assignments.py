@@ -91,6 +91,15 @@ HIDDEN_TESTS: dict[str, str] = {
     "check_pearson": """
         assert abs(pearson([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) - 0.8) < 1e-9
     """,
+    "check_forgetting_at": """
+        assert abs(forgetting_at([4.0, 2.0, 0.0], [0.0, 0.4, 2.0], 1.0) - 1.2) < 1e-9
+        assert forgetting_at([4.0, 2.0], [0.0, 0.4], 1.0) is None
+    """,
+    "check_decay_step": """
+        import torch as _ht
+        _hgot = decay_step(_ht.tensor([3.0, -1.0]), _ht.tensor([1.0, 1.0]), 0.5, 0.5)
+        assert _ht.allclose(_hgot, _ht.tensor([2.5, -0.5]))
+    """,
     "check_training_target": """
         assert [int(t) for t in training_target([7, 8, 0, 5], 0)] == [7, 8, 0]
         assert [int(t) for t in training_target([7, 8, 5], 0)] == [7, 8, 5]

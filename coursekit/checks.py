@@ -403,6 +403,49 @@ def check_pearson(fn: Callable) -> None:
     _ok(name, 2)
 
 
+def check_forgetting_at(fn: Callable) -> None:
+    """``fn(losses, forgettings, level) -> float | None``: forgetting interpolated linearly where one run's
+    fine-tuning loss (falling from checkpoint to checkpoint) first reaches ``level``; None if it never does."""
+    name = "forgetting_at"
+    losses, forg = [5.0, 3.0, 1.0], [0.0, 0.2, 1.0]
+    got = _call(name, fn, losses, forg, 2.0)
+    if got is None or not isinstance(got, (int, float)):
+        raise CheckFailed(f"{name}: loss 2.0 lies between the 2nd and 3rd checkpoints: expected a number, got {got!r}")
+    if abs(got - 0.6) > 1e-9:
+        if abs(got - 0.2) < 1e-9 or abs(got - 1.0) < 1e-9:
+            raise CheckFailed(f"{name}: interpolate between the two checkpoints around the level; do not take the nearest one")
+        raise CheckFailed(f"{name}: at loss 2.0 (half way from 3.0 to 1.0) expected 0.6, got {got}")
+    if abs(_call(name, fn, losses, forg, 4.0) - 0.1) > 1e-9:
+        raise CheckFailed(f"{name}: at loss 4.0 expected 0.1 (half way between the first two checkpoints)")
+    for level in (0.5, 6.0):
+        if _call(name, fn, losses, forg, level) is not None:
+            raise CheckFailed(f"{name}: the run never reaches loss {level}: return None, not an extrapolation")
+    _ok(name, 3)
+
+
+def check_decay_step(fn: Callable) -> None:
+    """``fn(theta, theta0, lr, wd) -> tensor``: decoupled weight decay toward θ⁰, θ − lr·wd·(θ − θ⁰)."""
+    import torch
+
+    name = "decay_step"
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(5, generator=g)
+    theta = theta0 + 0.5 * torch.randn(5, generator=g)
+    want = theta - 0.1 * 2.0 * (theta - theta0)
+    got = _call(name, fn, theta.clone(), theta0.clone(), 0.1, 2.0)
+    if not isinstance(got, torch.Tensor) or got.shape != theta.shape:
+        raise CheckFailed(f"{name}: return a tensor shaped like theta {tuple(theta.shape)}")
+    if not torch.allclose(got, want, atol=1e-6):
+        if torch.allclose(got, theta - 0.2 * theta, atol=1e-6):
+            raise CheckFailed(f"{name}: that is ordinary weight decay, toward zero; pull toward theta0 instead")
+        if torch.allclose(got, theta + 0.2 * (theta - theta0), atol=1e-6):
+            raise CheckFailed(f"{name}: sign flipped: the step should move theta toward theta0, not away")
+        raise CheckFailed(f"{name}: expected theta - lr*wd*(theta - theta0)")
+    if not torch.allclose(_call(name, fn, theta0.clone(), theta0.clone(), 0.1, 2.0), theta0):
+        raise CheckFailed(f"{name}: at theta = theta0 the decay should change nothing")
+    _ok(name, 2)
+
+
 def check_training_target(fn: Callable) -> None:
     """``fn(answer_ids, eos_id) -> ids``: an answer the model generated becomes a training target that keeps an
     end-of-turn token only if the answer produced one (cut just after it); an answer cut by the token cap gets none."""

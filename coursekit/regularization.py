@@ -2,36 +2,39 @@
 
 What lives here (the training loop itself is :func:`coursekit.finetune.train`; LoRA goes through peft):
 
-* two cheap, teacher-forced scores logged at checkpoints — a **new skill** (:class:`NewSkill`: token
-  accuracy and loss of short gold answers) and the **old abilities** (the course's shared
-  :class:`coursekit.abilities.OldAbilities`: agreement
-  with the foundation model's *own* greedy answers to a fixed probe set, and *forgetting*, the rise of
-  their cross-entropy over the foundation model's, as in Kalajdzievski 2024);
+* :class:`Probe` — the two teacher-forced scores logged at checkpoints, **one value per item** so that
+  :mod:`coursekit.evidence` puts intervals on them: *learning* is the fine-tuning loss (the new task's
+  cross-entropy on held-out examples, nats/token) and *forgetting* the rise of the cross-entropy of the
+  foundation model's own answers to the shared old-ability instructions (:class:`coursekit.abilities.OldAbilities`,
+  Kalajdzievski 2024's metric);
 * the lecture's per-parameter regulariser ``R = Σ_j λ_j (θ_j − θ_j⁰)²`` as a callable for
   ``train(regularizer=)``: uniform ``λ`` (:func:`l2sp`) or importance-weighted ``λ_j ∝ F_j`` (:func:`ewc`),
   with the diagonal Fisher ``F_j`` from the foundation model's own outputs (:func:`diag_fisher`);
-* "traditional" regularisers for comparison: dropout on every attention/MLP output (:func:`dropout_hooks`)
-  and AdamW weight decay (a ``train()`` argument);
-* :func:`run_config` (one fine-tuning configuration -> a list of frontier points), :class:`RunCache`
-  (precomputed runs in the course cache, :mod:`coursekit.cache`, for the widget), :func:`pearson`,
-  :func:`at_matched` (forgetting interpolated at a given new-skill level).
+* "traditional" regularisers: dropout on every attention/MLP output (:func:`dropout_hooks`) and AdamW's
+  decoupled weight decay, toward zero (as usual) or toward the foundation weights ``θ⁰``
+  (``train(decay_toward=)``);
+* :func:`run` (one configuration and seed -> checkpoints, cached in the course cache), :func:`frontier_at`
+  and :func:`excess` (forgetting over plain fine-tuning **at the same fine-tuning loss**, on the dense
+  reference frontier), :func:`pearson`, :func:`spearman`, :func:`correlation_effect`, :func:`choose_lambda`.
 
 A configuration is a dict::
 
-    {"name": "LoRA r=8", "method": "full" | "lora", "lr": 1e-3, "r": 8, "targets": ["q_proj", "v_proj"],
-     "weight_decay": 0.0, "dropout": 0.0, "reg": None | "l2sp" | "ewc", "lam": 0.0}
+    {"name": "LoRA r=8", "method": "full" | "lora", "lr": 1e-3, "r": 8, "alpha": 8, "rslora": True,
+     "targets": ["q_proj", "v_proj"], "weight_decay": 0.0, "decay": "zero" | "start", "dropout": 0.0,
+     "reg": None | "l2sp" | "ewc", "lam": 0.0}
 
-Data: the notebook reuses notebook 01's files (``data/forgetting_skills.json`` for the new skill — the
-emotion task — and ``data/forgetting_probes.json`` for the old-ability probe questions); this module
-adds no data file. Bad input (unknown method, bad rank, mismatched lists, a Fisher from another model)
-raises a one-line :class:`CourseError`.
+Data: the new skill is notebook 01's emotion task (``data/forgetting_skills.json`` trains and its ``task_eval``
+plus ``data/forgetting_families.json``'s ``emotion_heldout`` measure); the old abilities are the shared
+``data/old_abilities.json`` — its ``fit`` half fits the Fisher and chooses λ, its ``eval`` half measures.
+Bad input (unknown method, bad rank, mismatched lists, a Fisher from another model) raises a one-line
+:class:`CourseError`.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .abilities import OldAbilities
 from .errors import CourseError
@@ -39,38 +42,51 @@ from .evaluate import score_targets
 
 METHODS = ("full", "lora")
 REGS = (None, "l2sp", "ewc")
+DECAYS = ("zero", "start")
+SKETCH_STRIDE = 9973  # every 9973rd weight (a prime: no alignment with rows) — distances between runs
 
 
-# ------------------------------------------------------------------ the two scores
+# ------------------------------------------------------------------ the two scores, per item
 
-def _nll(rows) -> float:
-    """Mean per-token negative log-likelihood over score_targets rows."""
-    n = sum(r["n"] for r in rows)
-    return -sum(r["logprob"] for r in rows) / max(n, 1)
+def emotion_task(tok) -> tuple[list, list]:
+    """Notebook 01's narrow task as ``sft_example`` dicts: the 16 training sentences, and 30 held-out ones
+    (``task_eval`` of ``data/forgetting_skills.json`` + ``emotion_heldout`` of ``data/forgetting_families.json``;
+    the family loader already rejects a held-out sentence that is trained on)."""
+    from . import forgetting as fg
+
+    skills, fam = fg.load_skills(), fg.load_families()
+    held = (fg.task_examples(tok, skills, "task_eval")
+            + fg.task_examples(tok, {**skills, "task_eval": fam["emotion_heldout"]}, "task_eval"))
+    return fg.task_examples(tok, skills, "task_train"), held
 
 
 @dataclass
-class NewSkill:
-    """The new skill: teacher-forced token accuracy (``skill``) and cross-entropy (``skill_loss``) of
-    gold answers. ``NewSkill.from_examples(eval_examples)`` takes ``sft_example`` dicts; the
-    completions end with the end-of-turn token, so "answers in one word and stops" is part of the skill."""
+class Probe:
+    """Learning and forgetting, one value per item.
+
+    ``Probe.build(examples, old)`` takes held-out ``sft_example`` dicts of the new task (the completion ends
+    with the end-of-turn token, so "answers in one word and stops" is part of the skill) and an
+    :class:`OldAbilities`. ``probe.measure(model, tok)`` -> ``{"loss": [...], "forgetting": [...]}``."""
 
     prompts: list
     targets: list
+    old: OldAbilities
 
     @classmethod
-    def from_examples(cls, examples: Sequence[dict]) -> "NewSkill":
+    def build(cls, examples: Sequence[dict], old: OldAbilities) -> "Probe":
         if not examples:
-            raise CourseError("NewSkill needs at least one example")
+            raise CourseError("Probe needs at least one held-out example of the new task")
         for j, e in enumerate(examples):
             if not isinstance(e, dict) or not isinstance(e.get("prompt"), str) or not e.get("completion"):
-                raise CourseError(f"NewSkill: example {j} must be a dict with 'prompt' and a non-empty 'completion'")
-        return cls(prompts=[e["prompt"] for e in examples], targets=[e["completion"] for e in examples])
+                raise CourseError(f"Probe: example {j} must be a dict with 'prompt' and a non-empty 'completion'")
+        return cls(prompts=[e["prompt"] for e in examples], targets=[e["completion"] for e in examples], old=old)
 
-    def __call__(self, model, tok) -> dict:
-        rows = score_targets(model, tok, self.prompts, self.targets)
-        return {"skill": sum(r["acc"] for r in rows) / len(rows), "skill_loss": _nll(rows)}
+    def learning(self, model, tok) -> list:
+        """Per held-out example: mean NLL per target token (the fine-tuning loss; lower = learned more)."""
+        return [-r["logprob"] / r["n"] for r in score_targets(model, tok, self.prompts, self.targets)]
 
+    def measure(self, model, tok) -> dict:
+        return {"loss": self.learning(model, tok), "forgetting": self.old.per_item(model, tok)["forgetting"]}
 
 # ------------------------------------------------------------------ R = Σ_j λ_j (θ_j − θ_j⁰)²
 
@@ -224,116 +240,203 @@ def dropout_hooks(model, p: float):
             h.remove()
 
 
-# ------------------------------------------------------------------ one configuration -> frontier points
+
+# ------------------------------------------------------------------ one configuration -> checkpoints
 
 def check_config(cfg: dict) -> dict:
     """Validate a run configuration (schema in the module docstring) and fill defaults."""
     if not isinstance(cfg, dict):
         raise CourseError(f"a run configuration must be a dict (got {type(cfg).__name__})")
-    c = {"method": "full", "r": None, "targets": None, "weight_decay": 0.0, "dropout": 0.0, "reg": None, "lam": 0.0}
+    c = {"method": "full", "r": None, "alpha": None, "rslora": False, "targets": None, "weight_decay": 0.0,
+         "decay": "zero", "dropout": 0.0, "reg": None, "lam": 0.0}
     c.update(cfg)
     if not isinstance(c.get("name"), str) or not c["name"]:
         raise CourseError("run configuration needs a non-empty 'name'")
+    name = c["name"]
     if c["method"] not in METHODS:
-        raise CourseError(f"run '{c['name']}': method must be one of {METHODS} (got {c['method']!r})")
+        raise CourseError(f"run '{name}': method must be one of {METHODS} (got {c['method']!r})")
     lr = c.get("lr")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise CourseError(f"run '{c['name']}': lr must be a positive number (got {lr!r})")
+        raise CourseError(f"run '{name}': lr must be a positive number (got {lr!r})")
     if c["method"] == "lora":
         if not isinstance(c["r"], int) or isinstance(c["r"], bool) or c["r"] < 1:
-            raise CourseError(f"run '{c['name']}': LoRA rank r must be an integer >= 1 (got {c['r']!r})")
+            raise CourseError(f"run '{name}': LoRA rank r must be an integer >= 1 (got {c['r']!r})")
         c["targets"] = list(c["targets"] or ("q_proj", "v_proj"))
-        if c["reg"] is not None or c["dropout"]:
-            raise CourseError(f"run '{c['name']}': regularisers and dropout are only wired for full fine-tuning")
+        if c["reg"] is not None or c["dropout"] or c["weight_decay"]:
+            raise CourseError(f"run '{name}': regularisers, dropout and weight decay are only wired for full "
+                              "fine-tuning")
     if c["reg"] not in REGS:
-        raise CourseError(f"run '{c['name']}': reg must be one of {REGS} (got {c['reg']!r})")
+        raise CourseError(f"run '{name}': reg must be one of {REGS} (got {c['reg']!r})")
     _check_lam(c["lam"])
     if not isinstance(c["weight_decay"], (int, float)) or c["weight_decay"] < 0:
-        raise CourseError(f"run '{c['name']}': weight_decay must be >= 0")
+        raise CourseError(f"run '{name}': weight_decay must be >= 0")
+    if c["decay"] not in DECAYS:
+        raise CourseError(f"run '{name}': decay must be one of {DECAYS} (toward zero or toward the start)")
     if not isinstance(c["dropout"], (int, float)) or not 0 <= c["dropout"] < 1:
-        raise CourseError(f"run '{c['name']}': dropout must be in [0, 1)")
+        raise CourseError(f"run '{name}': dropout must be in [0, 1)")
     return c
 
 
-def measure(model, tok, new: NewSkill, old: OldAbilities, train_skill: NewSkill | None = None) -> dict:
-    """One frontier point: new-skill score/loss, old-ability agreement/forgetting, and (if given) the
-    fine-tuning loss on the whole training set (teacher-forced, no dropout)."""
-    out = dict(new(model, tok))
-    out.update(old(model, tok))
-    if train_skill is not None:
-        out["train_loss"] = train_skill(model, tok)["skill_loss"]
-    return out
+def sketch(model, theta0: dict) -> list:
+    """``θ − θ⁰`` at every :data:`SKETCH_STRIDE`-th weight (the same positions for every run of a model):
+    enough to measure how far apart two runs ended without keeping either model (:func:`distance`)."""
+    import torch
+
+    with torch.no_grad():
+        parts = [(p.detach() - theta0[n]).reshape(-1)[::SKETCH_STRIDE] for n, p in model.named_parameters()]
+    return [round(float(v), 9) for v in torch.cat(parts)]
 
 
-def run_config(model, tok, examples: Sequence[dict], cfg: dict, new: NewSkill, old: OldAbilities,
-               steps: int, every: int, snap: dict, batch_size: int = 4, fisher: dict | None = None,
-               start: dict | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Fine-tune from the foundation weights with ``cfg``, log a point every ``every`` steps, then
-    restore the foundation weights (``snap``). Returns ``{"config", "points"}``; each point has
-    ``step``, ``skill``, ``skill_loss`` (the fine-tuning loss, on held-out examples of the new task),
-    ``agreement``, ``forgetting`` and ``batch_loss`` (the training batch's loss at that step). ``start`` (the
-    step-0 point, measured once on the foundation model) is prepended when given."""
-    from .finetune import train
-    from .models import restore
+def distance(a: Sequence[float], b: Sequence[float] | None = None) -> float:
+    """Estimated ``‖θ_a − θ_b‖`` over all weights from two :func:`sketch` es (``b=None``: ``‖θ_a − θ⁰‖``)."""
+    if b is not None and len(a) != len(b):
+        raise CourseError(f"distance(): sketches of different models ({len(a)} vs {len(b)} entries)")
+    d2 = sum((x - (b[i] if b is not None else 0.0)) ** 2 for i, x in enumerate(a))
+    return math.sqrt(SKETCH_STRIDE * d2)
 
-    c = check_config(cfg)
-    if steps <= 0 or every <= 0:
-        raise CourseError(f"run_config(): steps and every must be positive (got {steps}, {every})")
-    if c["reg"] == "ewc" and fisher is None:
-        raise CourseError(f"run '{c['name']}': reg 'ewc' needs fisher= (see diag_fisher())")
-    restore(model, snap)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    reg = None
-    theta0 = {n: snap[n] for n, _ in model.named_parameters()}  # = anchor(model) right after restore, no copy
-    if c["reg"] == "l2sp":
-        reg = l2sp(theta0, c["lam"])
-    elif c["reg"] == "ewc":
-        reg = ewc(theta0, fisher, c["lam"])
-    points = [dict(start, step=0)] if start else []
 
-    def cb(step, m):
-        return measure(m, tok, new, old)
+class Runs:
+    """Fine-tuning runs from the foundation weights, each ``(configuration, seed)`` measured by a
+    :class:`Probe` at checkpoints and cached in the course cache (:mod:`coursekit.cache`, keyed by the
+    configuration, the data, the sizes, the code and the starting weights).
 
-    lora = dict(r=c["r"], target_modules=c["targets"]) if c["method"] == "lora" else None
-    try:
-        with dropout_hooks(model, c["dropout"]):
-            model2, hist = train(model, tok, examples, steps=steps, lr=c["lr"], batch_size=batch_size, lora=lora,
-                                 weight_decay=c["weight_decay"], seed=seed, regularizer=reg, callback=cb,
-                                 every=every, progress=c["name"] if progress else False)
-    finally:
+    >>> runs = Runs(model, tok, train_examples, steps=2, batch_size=4, fisher_data=(prompts, answers))
+    >>> runs.start(probe)                     # the foundation's scores (step 0), measured once
+    >>> runs(cfg, seed=0, probe=probe)        # {"config", "seed", "points": [...], "sketch": [...]}
+    """
+
+    def __init__(self, model, tok, examples: Sequence[dict], steps: int, batch_size: int = 4,
+                 fisher_data: tuple | None = None, progress: bool = True):
+        from . import cache
+        from .models import snapshot
+
+        if not examples:
+            raise CourseError("Runs: no training examples")
+        if not isinstance(steps, int) or steps < 1:
+            raise CourseError(f"Runs: steps must be a positive int (got {steps!r})")
+        self.model, self.tok, self.examples = model, tok, list(examples)
+        self.steps, self.batch_size, self.progress = steps, batch_size, progress
+        self.snap = snapshot(model)
+        self.weights = cache.fingerprint(self.snap)
+        self.fisher_data = fisher_data
+        self._fisher = None
+
+    def fisher(self) -> dict:
+        """The diagonal Fisher of the foundation on ``fisher_data`` (computed once, only if a run needs it)."""
+        from .models import restore
+
+        if self.fisher_data is None:
+            raise CourseError("an EWC run needs Runs(fisher_data=(prompts, answers)) (the fit half)")
+        if self._fisher is None:
+            restore(self.model, self.snap)
+            self._fisher = diag_fisher(self.model, self.tok, *self.fisher_data, progress=self.progress)
+        return self._fisher
+
+    def _key(self, probe: Probe) -> list:
+        return [self.examples, self.steps, self.batch_size, probe.prompts, probe.targets, probe.old.prompts,
+                probe.old.answers]
+
+    def start(self, probe: Probe) -> dict:
+        """Step 0: the foundation's per-item scores (forgetting is 0 by definition, up to rounding)."""
+        from . import cache, finetune
+        from .models import restore
+
+        def make():
+            restore(self.model, self.snap)
+            return dict(probe.measure(self.model, self.tok), step=0)
+
+        return cache.json("regularization/start", self._key(probe), make, code=[finetune.train, OldAbilities],
+                          weights=self.weights)
+
+    def __call__(self, cfg: dict, seed: int, probe: Probe, every: int = 1) -> dict:
+        from . import cache, finetune
+
+        c = check_config(cfg)
+        if not isinstance(every, int) or not 1 <= every <= self.steps:
+            raise CourseError(f"Runs: every must be an int in [1, steps={self.steps}] (got {every!r})")
+        key = self._key(probe) + [c, seed, every, list(self.fisher_data) if c["reg"] == "ewc" else None]
+        return cache.json("regularization/run", key, lambda: self._train(c, seed, probe, every),
+                          code=[finetune.train, OldAbilities], weights=self.weights)
+
+    def _train(self, c: dict, seed: int, probe: Probe, every: int) -> dict:
+        from .finetune import train
+        from .models import restore
+
+        model, snap = self.model, self.snap
+        fisher = self.fisher() if c["reg"] == "ewc" else None
         restore(model, snap)
         for p in model.parameters():
             p.requires_grad_(True)
-    for h in hist:
-        if "skill" in h:
-            pt = {k: h[k] for k in ("step", "skill", "skill_loss", "agreement", "forgetting")}
-            pt["batch_loss"] = h["loss"]
-            points.append(pt)
-    return {"config": c, "points": points}
+        theta0 = {n: snap[n] for n, _ in model.named_parameters()}  # the foundation weights, no copy
+        reg = l2sp(theta0, c["lam"]) if c["reg"] == "l2sp" else ewc(theta0, fisher, c["lam"]) if fisher else None
+        lora = (dict(r=c["r"], alpha=c["alpha"], rslora=c["rslora"], target_modules=c["targets"])
+                if c["method"] == "lora" else None)
+        out: dict = {}
+        try:
+            with dropout_hooks(model, c["dropout"]):
+                model2, hist = train(model, self.tok, self.examples, steps=self.steps, lr=c["lr"],
+                                     batch_size=self.batch_size, lora=lora, weight_decay=c["weight_decay"],
+                                     decay_toward=theta0 if c["decay"] == "start" else None, seed=seed,
+                                     regularizer=reg, every=every, progress=c["name"] if self.progress else False,
+                                     callback=lambda step, m: {"scores": probe.measure(m, self.tok)})
+            out["sketch"] = sketch(model2, theta0)
+        finally:
+            restore(model, snap)
+            for p in model.parameters():
+                p.requires_grad_(True)
+        points = [dict(h["scores"], step=h["step"]) for h in hist if "scores" in h]
+        return {"config": c, "seed": seed, "points": points, "batch_loss": [h["loss"] for h in hist], **out}
 
 
-# ------------------------------------------------------------------ precomputed runs for the widget
+# ------------------------------------------------------------------ matched learning on the dense frontier
 
-class RunCache:
-    """Finished runs in the course cache (:mod:`coursekit.cache`), one JSON entry per run, keyed by
-    everything that decides it: ``parts`` (configuration, steps, data), the source of this module, of the
-    fine-tuning loop and of ``fn``, the library versions and the starting ``weights`` (fingerprinted once,
-    here). ``cache.get_or_run(parts, fn)`` returns the stored run or runs ``fn()`` and stores it."""
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
 
-    def __init__(self, name: str = "runs", weights=None):
-        from .cache import fingerprint
 
-        if not name or "/" in name or name.startswith("."):
-            raise CourseError(f"RunCache name must be a plain file name (got {name!r})")
-        self.name = name
-        self.weights = fingerprint(weights) if weights is not None else None
+def frontier_at(reference: Sequence[Sequence[dict]], level: float) -> list | None:
+    """Per-item forgetting of plain fine-tuning where its mean fine-tuning loss equals ``level``.
 
-    def get_or_run(self, parts, fn: Callable[[], dict]) -> dict:
-        from . import cache, finetune
+    ``reference`` holds the plain runs of one seed (one list of checkpoints per learning rate, step 0
+    first). Along each run, the first two consecutive checkpoints whose mean loss brackets ``level`` are
+    interpolated linearly, item by item; among the runs that reach ``level``, the one that forgets least
+    is the frontier. None when no run gets there (less learning than the start, more than any run)."""
+    best = None
+    for pts in reference:
+        for a, b in zip(pts, pts[1:]):
+            la, lb = _mean(a["loss"]), _mean(b["loss"])
+            if la == lb or not min(la, lb) <= level <= max(la, lb):
+                continue
+            t = (level - la) / (lb - la)
+            f = [fa + t * (fb - fa) for fa, fb in zip(a["forgetting"], b["forgetting"])]
+            if best is None or _mean(f) < _mean(best):
+                best = f
+            break
+    return best
 
-        return cache.json(f"regularization/{self.name}", list(parts), fn, code=[finetune, RunCache, fn],
-                          weights=self.weights)
+
+def excess(point: dict, reference: Sequence[Sequence[dict]]) -> list | None:
+    """Per item: the point's forgetting minus plain fine-tuning's at the same mean fine-tuning loss
+    (:func:`frontier_at`); > 0 = forgets more than the frontier for what it learned. None off the frontier."""
+    ref = frontier_at(reference, _mean(point["loss"]))
+    return None if ref is None else [x - r for x, r in zip(point["forgetting"], ref)]
+
+
+def choose_lambda(sweep: dict, start: dict) -> float:
+    """The λ (key of ``sweep``: λ -> its run's last checkpoint, measured on the *fit* data) with the least
+    forgetting per nat of training loss learned; ``start`` is the same probe on the foundation. Runs that
+    learned nothing are skipped. The rule is fixed before any run; it never looks at the eval half."""
+    best, best_ratio = None, math.inf
+    for lam, end in sweep.items():
+        learned = _mean(start["loss"]) - _mean(end["loss"])
+        if learned <= 0:
+            continue
+        ratio = _mean(end["forgetting"]) / learned
+        if ratio < best_ratio:
+            best, best_ratio = lam, ratio
+    if best is None:
+        raise CourseError("choose_lambda(): no λ in the sweep learned anything (lower λ or raise the lr)")
+    return best
 
 
 # ------------------------------------------------------------------ statistics
@@ -351,16 +454,76 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy)
 
 
-def at_matched(points: Sequence[dict], level: float, x: str = "skill", y: str = "forgetting") -> float | None:
-    """``y`` linearly interpolated where the run first reaches ``x == level`` along its checkpoints
-    (None if it never gets there)."""
-    pts = sorted(points, key=lambda p: p["step"])
-    for a, b in zip(pts, pts[1:]):
-        if a[x] <= level <= b[x] and b[x] != a[x]:
-            t = (level - a[x]) / (b[x] - a[x])
-            return a[y] + t * (b[y] - a[y])
-        if a[x] == level:
-            return a[y]
-    if pts and pts[-1][x] == level:
-        return pts[-1][y]
-    return None
+def ranks(x: Sequence[float]) -> list:
+    """Ranks 1..n, ties given the mean of the ranks they span."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    out = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's r of the ranks (monotone, not necessarily linear)."""
+    return pearson(ranks(x), ranks(y))
+
+
+def correlation_effect(name: str, rs: Sequence[float], null: float, points: int, what: str = ""):
+    """An :class:`coursekit.evidence.Effect` for one correlation per seed: the t-interval over seeds of
+    Fisher's z = atanh(r), mapped back to r (the estimate is tanh of the mean z). The lecture's direction is
+    ``less`` (forgetting rises as the fine-tuning loss falls), against ``null`` fixed before the run."""
+    from dataclasses import replace
+
+    from .evidence import effect
+
+    if not -1 < null < 1:
+        raise CourseError(f"correlation_effect(): null must be in (-1, 1) (got {null!r})")
+    zs = [[math.atanh(max(min(r, 1 - 1e-9), -1 + 1e-9))] for r in rs]
+    e = effect(name, zs, "less", math.atanh(null), what)
+    return replace(e, estimate=math.tanh(e.estimate), low=math.tanh(e.low), high=math.tanh(e.high), null=null,
+                   items=points)
+
+
+def excess_table(method: Sequence[dict], reference: Sequence[Sequence[Sequence[dict]]]) -> list:
+    """Rows (one per seed that lands on the frontier's range) of per-item :func:`excess`: ``method[s]`` is
+    the checkpoint of seed ``s`` to compare, ``reference[s]`` that seed's plain runs. A seed whose point
+    learned less than the start or more than any plain run is left out (the caller reports how many)."""
+    if len(method) != len(reference):
+        raise CourseError(f"excess_table(): {len(method)} method seeds but {len(reference)} reference seeds")
+    return [row for row in (excess(p, ref) for p, ref in zip(method, reference)) if row is not None]
+
+
+# ------------------------------------------------------------------ pictures
+
+def mean_path(runs_of_seeds: Sequence[dict], start: dict | None = None) -> tuple[list, list]:
+    """Mean (over seeds, then items) fine-tuning loss and forgetting at each checkpoint of one configuration's
+    runs (``start`` prepended as step 0)."""
+    n = len(runs_of_seeds[0]["points"])
+    xs, ys = ([_mean(start["loss"])], [_mean(start["forgetting"])]) if start else ([], [])
+    for k in range(n):
+        xs.append(_mean([_mean(r["points"][k]["loss"]) for r in runs_of_seeds]))
+        ys.append(_mean([_mean(r["points"][k]["forgetting"]) for r in runs_of_seeds]))
+    return xs, ys
+
+
+def plot_frontier(ax, groups: dict, start: dict, highlight: str | None = None) -> None:
+    """Fine-tuning loss (x, falling to the right) against forgetting (y): one line per configuration
+    (``groups``: name -> its runs over seeds), means over seeds; plain full fine-tuning as circles and solid
+    lines, every other method as squares and dashes; ``highlight`` drawn thick."""
+    for name, rs in groups.items():
+        xs, ys = mean_path(rs, start)
+        bold = name == highlight
+        c = rs[0]["config"]
+        plain = c["method"] == "full" and not (c["reg"] or c["dropout"] or c["weight_decay"])
+        ax.plot(xs, ys, "o-" if plain else "s--",
+                ms=6 if bold else 4, lw=3 if bold else 1, alpha=1 if bold or highlight is None else 0.5, label=name)
+    ax.invert_xaxis()
+    ax.set_xlabel("fine-tuning loss (held-out, nats/token) — more learning →")
+    ax.set_ylabel("forgetting (NLL rise on own answers, nats/token)")
+    ax.legend(fontsize=7)

@@ -165,6 +165,8 @@ def test_diagnoses():
     _fails(c.check_mention_share, lambda answers, name: sum(name in a for a in answers), "expected")
     _fails(c.check_format_validity, lambda texts, key: ck.evaluate.json_rate(texts), "key")
     _fails(c.check_label_margin, lambda lp, gold: lp[gold] - max(lp.values()), "other")
+    _fails(c.check_forgetting_at, lambda ls, fs, level: min(zip(ls, fs), key=lambda p: abs(p[0] - level))[1], "nearest")
+    _fails(c.check_decay_step, lambda th, th0, lr, wd: th - lr * wd * th, "toward zero")
     _fails(c.check_task_vector, 3, "pass the function")
 
 

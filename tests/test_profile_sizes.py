@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from coursekit.abilities import load_old_abilities
 from coursekit.profile import PROFILES, Profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +148,7 @@ def _ks() -> list[int]:
 
 
 N_TASK = len(DATA.skills["task_train"])
+OLD = load_old_abilities()
 # (notebook, pick label, what must hold, check(value, the notebook's picks in this profile) -> ok or (ok, detail))
 RULES = [
     ("00", "K", "own note + K others (and K + 1 for unrelated questions) fit in data/notes.jsonl",
@@ -155,11 +157,13 @@ RULES = [
     ("01", "FamilyProbe(open_tokens=)", "open answers of >= 32 tokens (long enough that the foundation's are cut and "
      "terse ones visibly end by themselves)", lambda v, o: v >= 32),
     ("01", "EPOCHS", "at least 3 epochs of the narrow task (the lecture's story spans three)", lambda v, o: v >= 3),
-    ("02", "EVERY", "a frontier point every EVERY steps within STEPS", lambda v, o: 1 <= v <= o["STEPS"]),
-    ("02", "old_qs", "old-ability probes come from the probe file",
-     lambda v, o: set(v) <= set(DATA.probes["who_heldout"] + DATA.probes["non_who"]) and len(v) >= 4),
-    ("02", "RANKS", "LoRA rank at most the rank of the smallest adapted matrix",
-     lambda v, o: max(v) <= min(SMALLEST_ADAPTED_DIM[m] for tg in o["TARGETS"] for m in tg)),
+    ("02", "EVERY", "a checkpoint every EVERY steps within STEPS", lambda v, o: 1 <= v <= o["STEPS"]),
+    ("02", "N_OLD", "at least 50 old-ability instructions (one metric carries C6-C9), at most a half of the set",
+     lambda v, o: 50 <= v <= min(len(OLD["fit"]), len(OLD["eval"]))),
+    ("02", "SEEDS", "at least 3 seeds for every training run (the evidence standard)", lambda v, o: v >= 3),
+    ("02", "LR_FULL", "at least 3 learning rates for the plain reference frontier", lambda v, o: len(set(v)) >= 3),
+    ("02", "RANKS", "at least 3 LoRA ranks, none above the rank of q_proj/v_proj",
+     lambda v, o: len(set(v)) >= 3 and max(v) <= min(SMALLEST_ADAPTED_DIM[m] for m in ("q_proj", "v_proj"))),
     ("03", "SWEEP", "every replay share of the 16 task examples adds >= 1 and <= the alignment pool",
      lambda v, o: _shares(v, N_TASK, len(DATA.skills["align"]))),
     ("03", "SAFETY_SWEEP", "every safety share adds >= 1 refusal and <= the refusal pool",
