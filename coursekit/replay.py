@@ -71,13 +71,14 @@ def load_replay_questions(name: str = REPLAY_FILE) -> dict:
 
 def cached(name: str, parts, fn: Callable[[], list | dict], weights=None):
     """Generated data (JSON) from the course cache (:mod:`coursekit.cache`), or ``fn()`` stored there,
-    keyed by ``parts`` (everything that decides the set), the source of this module and of ``fn``, the
-    library versions and ``weights`` (the model that generates it: full fingerprint)."""
-    from . import cache
+    keyed by ``parts`` (everything that decides the set), the source of this module, of ``fn`` and of the
+    generation and training code it may call, the library versions and ``weights`` (the model that generates
+    it: full fingerprint)."""
+    from . import cache, evaluate, finetune
 
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise CourseError(f"cached(): name must be a plain file name (got {name!r})")
-    return cache.json(f"replay/{name}", list(parts), fn, code=[cached, fn], weights=weights)
+    return cache.json(f"replay/{name}", list(parts), fn, code=[cached, fn, generate, finetune, evaluate], weights=weights)
 
 
 # ------------------------------------------------------------------ experience replay: mixing
