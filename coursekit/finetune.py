@@ -55,50 +55,19 @@ def collate(tok, batch: Sequence[dict], max_len: int = 256):
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
-def completion_loss(model, batch, share_prefix: bool = True) -> "torch.Tensor":
+def completion_loss(model, batch) -> "torch.Tensor":
     """Mean cross-entropy over completion tokens (labels != -100).
 
     The decoder runs over every position, but the 49k-column output layer only where a label is trained:
     projecting prompt and padding positions is ~15% of a training step on SmolLM2 and changes nothing
-    (the same number as ``cross_entropy(logits, labels, ignore_index=-100)`` over all positions — tested).
-    Rows that open with the same prompt tokens (SmolLM2's system block: 24 tokens in front of every chat
-    example) run them once, and every row continues from their key/value cache: the gradient flows
-    through that cache into the shared run, so loss and gradients are the plain ones up to float rounding
-    (tested), for a third less decoder work at batch 4. ``share_prefix=False`` runs every row whole —
-    needed when dropout is active, which would otherwise draw one mask for all rows' shared tokens."""
-    import torch
+    (the same number as ``cross_entropy(logits, labels, ignore_index=-100)`` over all positions — tested)."""
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    ids, att = batch["input_ids"], batch["attention_mask"]
-    k = _shared_prompt(ids, att, keep) if share_prefix else 0
-    dec = model.get_decoder()
-    if k:
-        cache = dec(input_ids=ids[:1, :k], use_cache=True).past_key_values
-        cache.batch_repeat_interleave(ids.shape[0])
-        pos = (k + torch.arange(ids.shape[1] - k, device=ids.device))[None].expand(ids.shape[0], -1)
-        hidden = dec(input_ids=ids[:, k:], attention_mask=att, past_key_values=cache, position_ids=pos,
-                     use_cache=True).last_hidden_state
-    else:
-        hidden = dec(input_ids=ids, attention_mask=att).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep[:, k:]]).float()
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, labels[keep])
-
-
-MIN_SHARED_PROMPT = 4  # below this a separate run of the shared tokens saves less than it costs
-
-
-def _shared_prompt(ids, att, keep) -> int:
-    """How many leading tokens every row shares, unpadded and before any trained position (0 if fewer
-    than :data:`MIN_SHARED_PROMPT` or one row)."""
-    if ids.shape[0] < 2:
-        return 0
-    same = (ids == ids[:1]).all(0) & (att == 1).all(0)
-    k = int(same.long().cumprod(0).sum())
-    first = int(keep.any(0).long().argmax()) if keep.any() else ids.shape[1]  # first trained label - 1
-    k = min(k, first, ids.shape[1] - 1)
-    return k if k >= MIN_SHARED_PROMPT else 0
 
 
 def add_lora(model, r: int = 8, alpha: int | None = None, target_modules=("q_proj", "v_proj"), dropout: float = 0.0,
@@ -129,8 +98,7 @@ def _anchored(model, anchor: dict) -> list:
 def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_size: int = 8,
           lora: dict | None = None, weight_decay: float = 0.0, seed: int = 0, max_len: int = 256,
           regularizer: Callable | None = None, callback: Callable | None = None, every: int = 0,
-          progress: bool | str = True, merge: bool = True, decay_toward: dict | None = None,
-          share_prefix: bool = True):
+          progress: bool | str = True, merge: bool = True, decay_toward: dict | None = None):
     """Fine-tune ``model`` on ``examples`` for ``steps`` AdamW steps (batches cycle through a
     seeded shuffle). ``lora=dict(r=8, target_modules=[...])`` trains peft LoRA adapters instead of
     all weights and, with ``merge=True``, merges them back so the same model object comes back with
@@ -138,8 +106,6 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
     runs every ``every`` steps (and at the end) and its dict is stored in the history.
     ``decay_toward`` (name -> tensor, e.g. the foundation weights) makes AdamW's decoupled weight decay pull
     toward those weights instead of toward zero: ``θ ← θ − lr·wd·(θ − θ⁰)`` each step.
-    ``share_prefix``: run a batch's common prompt tokens once (:func:`completion_loss`); give False while
-    dropout hooks are on (LoRA dropout turns it off by itself).
 
     Returns ``(model, history)``; history is a list of ``{"step", "loss", ...}``.
     """
@@ -173,7 +139,7 @@ def train(model, tok, examples: Sequence[dict], steps: int, lr: float, batch_siz
                     order = torch.randperm(len(examples), generator=g).tolist()
                 batch_idx.append(order.pop())
             batch = {k: v.to(dev) for k, v in collate(tok, [examples[i] for i in batch_idx], max_len).items()}
-            loss = completion_loss(target, batch, share_prefix and not (lora or {}).get("dropout"))
+            loss = completion_loss(target, batch)
             total = loss + (regularizer(target) if regularizer else 0.0)
             total.backward()
             opt.step()

@@ -197,7 +197,7 @@ def token_losses(model, tok, prompt: str, completion: str) -> list[tuple[str, fl
 # ------------------------------------------------------------------ forgetting measurements
 
 def answers(model, tok, questions: Sequence[str], max_new_tokens: int = 12, system: str | None = None,
-            batch_size: int = 64) -> list[str]:
+            batch_size: int = 32) -> list[str]:
     """Short greedy answers (batched) — what a student reads."""
     return generate(model, tok, [chat_prompt(tok, q, system) for q in questions], max_new_tokens, batch_size)
 

@@ -378,7 +378,6 @@ class Runs:
                                      batch_size=self.batch_size, lora=lora, weight_decay=c["weight_decay"],
                                      decay_toward=theta0 if c["decay"] == "start" else None, seed=seed,
                                      regularizer=reg, every=every, progress=c["name"] if self.progress else False,
-                                     share_prefix=not c["dropout"],  # dropout: each row its own mask
                                      callback=lambda step, m: {"scores": probe.measure(m, self.tok)})
             out["sketch"] = sketch(model2, theta0)
         finally:

@@ -352,36 +352,6 @@ def test_retriever_threshold():
     assert r.search("What is the capital of France?")[0] is None
 
 
-def test_completion_loss_shares_the_prompt_prefix(tiny):
-    """Rows that open with the same chat template run it once: loss and every gradient are the plain ones."""
-    import torch
-
-    model, tok = tiny
-    ex = [finetune.sft_example(tok, q, a) for q, a in
-          [("Who wrote it?", "Somebody did."), ("What is the capital of France?", "Paris."), ("Hm?", "Yes")]]
-    b = finetune.collate(tok, ex)
-    k = finetune._shared_prompt(b["input_ids"], b["attention_mask"], b["labels"][:, 1:] != -100)
-    assert k >= finetune.MIN_SHARED_PROMPT  # the system block and the user marker
-    params = [p for p in model.parameters() if p.requires_grad]
-    got = finetune.completion_loss(model, b, share_prefix=True)
-    g_got = torch.autograd.grad(got, params)
-    want = finetune.completion_loss(model, b, share_prefix=False)
-    g_want = torch.autograd.grad(want, params)
-    assert torch.allclose(got, want, atol=1e-6)
-    for a, w in zip(g_got, g_want):
-        assert torch.allclose(a, w, atol=1e-5, rtol=1e-4)
-
-
-def test_shared_prompt_stops_before_the_first_trained_token(tiny):
-    """A shared run never covers a trained position, a padded one, or the only row of a batch."""
-    model, tok = tiny
-    same = [finetune.pretrain_example(tok, "the very same words"), finetune.pretrain_example(tok, "the very same words")]
-    b = finetune.collate(tok, same)
-    assert finetune._shared_prompt(b["input_ids"], b["attention_mask"], b["labels"][:, 1:] != -100) == 0
-    one = finetune.collate(tok, [finetune.sft_example(tok, "Who wrote it?", "Somebody did.")])
-    assert finetune._shared_prompt(one["input_ids"], one["attention_mask"], one["labels"][:, 1:] != -100) == 0
-
-
 def test_generate_ids_keeps_prompt_order_across_length_batches(tiny):
     """Prompts are batched by length; each answer still comes back at its prompt's index."""
     import torch
