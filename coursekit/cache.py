@@ -100,7 +100,7 @@ def fingerprint(weights) -> str:
             t = t.cpu()
         t = t.contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")  # no copy of the bytes
     return h.hexdigest()
 
 
