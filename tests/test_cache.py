@@ -131,3 +131,20 @@ def test_packaged_model_folder_is_keyed_by_the_gguf(tmp_cache, monkeypatch):
     gguf.write_bytes(b"v2")
     assert cache.key("models/x", {}, weights=cache.file_fingerprint(gguf)) != a
     assert callable(models._materialize_packaged)
+
+
+def test_fingerprint_is_sha256_over_name_dtype_shape_and_bytes():
+    # the documented digest, so hashing without a copy of the bytes keeps every existing cache key
+    import hashlib
+
+    import torch
+
+    state = {"b": torch.arange(5), "a": torch.randn(3, 4), "c": torch.randn(4, 6)[:, ::2], "e": torch.zeros(0)}
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(bytes(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    assert cache.fingerprint(state) == h.hexdigest()
+    state["a"][0, 0] += 1.0
+    assert cache.fingerprint(state) != h.hexdigest()
