@@ -82,6 +82,24 @@ def test_compute_v_keeps_params_frozen_state(tiny):
     assert vr.delta_norm <= 4.0 * vr.v_init.norm().item() + 1e-5
 
 
+def test_compute_v_runs_the_layers_below_once_with_the_same_result(tiny, monkeypatch):
+    import contextlib
+
+    model, tok = tiny
+    layers = list(model.model.layers)
+    args = (model, tok, 1, _req()["prompt"], _req()["subject"], " Rome", ["Hello there", "It was"])
+    fast = rome.compute_v(*args, steps=4, stop_loss=0.0)
+    assert list(model.model.layers) == layers  # the real layers are back
+    calls = []
+    layers[0].register_forward_hook(lambda *a: calls.append(1))
+    rome.compute_v(*args, steps=4, stop_loss=0.0)
+    assert len(calls) == 1  # one forward below the edit layer, not one per step
+    monkeypatch.setattr(rome, "_layers_below_once", lambda m, l: contextlib.nullcontext(lambda: None))
+    slow = rome.compute_v(*args, steps=4, stop_loss=0.0)
+    assert fast.steps == slow.steps == 4
+    assert torch.equal(fast.v, slow.v) and fast.history == slow.history
+
+
 def test_bad_layer_and_request(tiny):
     model, tok = tiny
     with pytest.raises(ck.CourseError, match="layer"):
