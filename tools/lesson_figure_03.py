@@ -8,7 +8,7 @@ nb = json.load(open("notebooks/03_replay_and_self_generated_data.ipynb"))
 line = [l for c in nb["cells"] for o in c.get("outputs", []) for l in "".join(o.get("text", "")).splitlines() if l.startswith("COURSEKIT_RESULT")][0]
 m = json.loads(line.split(" ", 1)[1])["metrics"]
 runs = [k.split("|")[0] for k in m if k.endswith("|learn") and not k.startswith("safety")]
-style = {"plain FT (gold)": ("s", "tab:blue"), "LoRA r=8 (notebook 02)": ("D", "tab:orange"), "experience replay 5%": ("o", "tab:green"),
+style = {"plain FT (gold)": ("s", "tab:blue"), "LoRA r=8 (q, v)": ("D", "tab:orange"), "experience replay 5%": ("o", "tab:green"),
          "experience replay 25%": ("o", "tab:red"), "pseudo replay 25%": ("s", "tab:purple"), "Magpie 25%": ("s", "tab:brown"),
          "SSR 25%": ("s", "tab:pink"), "self-output targets": ("s", "tab:gray"), "paraphrase targets": ("s", "tab:olive"),
          "token masking (ppl>2.5)": ("s", "tab:cyan")}
@@ -33,6 +33,6 @@ ax[2].set_xticks(list(xs)); ax[2].set_xticklabels(["safe model\n(before)", "plai
 ax[2].set(ylabel="refusal rate", title="safety replay", ylim=(0, 1.05)); ax[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
 for a in ax[:2]:
     a.grid(alpha=0.3)
-fig.suptitle("Notebook 03 (ci profile): 8 steps x batch 4, SmolLM2-135M-Instruct", fontsize=10)
+fig.suptitle("Notebook 03 (ci profile): 8 steps x batch 4, one seed, 10 held-out items per score: illustrations, not verdicts", fontsize=10)
 fig.tight_layout()
 fig.savefig("lessons/figures/03-replay-and-self-generated-data.png", dpi=90)
