@@ -1,6 +1,8 @@
 # The course's commands. Each bootstraps .venv on first use (nothing to install by hand).
 #   make course       execute every notebook into build/executed and print the results table
 #   make test         unit tests + nbval over every notebook (what CI runs)
+#   make evidence [CLAIMS=C0,C9]   compute every missing or stale evidence record (evidence/README.md); resumable
+#   make verify-all [CLAIMS=...]   recompute every committed record live and compare it with the plan's tolerance
 #   make lab          JupyterLab on the course
 #   make assignments  nbgrader course folder in build/assignments: release/ (hand out), source/, gradebook
 #   make grade SUBMISSIONS=<folder>   nbgrader autograde + a CSV per student and exercise (build/assignments/grades.csv)
@@ -12,7 +14,7 @@ STAMP   = $(VENV)/.coursekit-installed
 # pinned threads, a fixed hash seed, no network for Hugging Face. `make lab` keeps your own environment (all
 # your cores, your network: COURSEKIT_MODEL=<hub id> works there, inline figures); make assignments / grade
 # need none of it. Target-specific variables also reach the prerequisites (install), which is harmless.
-REPRO = test crosscheck unit nbval course
+REPRO = test crosscheck unit nbval course evidence verify-all
 $(REPRO): export COURSEKIT_PROFILE ?= ci
 $(REPRO): export PYTHONHASHSEED = 0
 $(REPRO): export TOKENIZERS_PARALLELISM = false
@@ -32,7 +34,7 @@ course: export MPLBACKEND = module://matplotlib_inline.backend_inline
 # and words must match exactly, while numeric tolerances live in the notebooks' asserts on 95% intervals.
 NBVAL   = --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 --sanitize-with notebooks/nbval_sanitize.cfg
 
-.PHONY: install course test crosscheck unit nbval lab assignments grade sync clean
+.PHONY: install course test crosscheck unit nbval lab assignments grade sync clean evidence verify-all
 
 install: $(STAMP)
 
@@ -56,6 +58,15 @@ test: install
 crosscheck: install
 	ATEN_CPU_CAPABILITY=default COURSEKIT_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
 	  $(PY) -m pytest tests notebooks/00_foundation_model.ipynb $(NBVAL) -q
+
+# The evidence store (evidence/README.md): plans are committed first, then `make evidence` computes the records they
+# ask for (hours here, minutes on a GPU: COURSEKIT_DEVICE=cuda), one file per run as it ends, so it resumes where it
+# stopped. `make test` reads the records and recomputes each plan's sample live; verify-all recomputes them all.
+evidence: install
+	$(PY) -m coursekit.store make --claims "$(CLAIMS)"
+
+verify-all: install
+	$(PY) -m coursekit.store verify --all --claims "$(CLAIMS)"
 
 unit: install
 	$(PY) -m pytest tests -q

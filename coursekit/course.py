@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from .evidence import ledger
 from .results import read_results, results_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +67,9 @@ def default_paths(root: Path = ROOT) -> tuple[list[Path], str]:
 
 
 def claims_ledger(paths) -> str:
+    """The claims ledger from the evidence store; claims no plan holds yet from the notebooks' outputs."""
+    from .store import ledger
+
     return ledger([r for p in paths for r in read_results(p)])
 
 

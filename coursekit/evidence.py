@@ -10,8 +10,8 @@ threshold. Everything a notebook needs for that lives here:
 * :func:`effect` turns per-(seed, item) values of one effect (a difference: method − reference, after −
   before) into an :class:`Effect` with its interval and a verdict in the lecture's direction;
   :func:`claim` groups the effects of one lecture claim (``C0``…``C21``, :data:`CLAIMS`).
-* :func:`ledger` prints one row per claim for every notebook's ``COURSEKIT_RESULT`` line
-  (``python -m coursekit.course claims``).
+* the ledger (``python -m coursekit.course claims``) is built from the evidence store's plans and
+  records by :func:`coursekit.store.ledger`.
 
 **Why this interval.** Items and seeds are *crossed*: every seed is evaluated on the same items, and
 effects are paired (method and reference on the same item and seed). Treating the S×I values as
@@ -26,11 +26,14 @@ distinct seed sets). The crossed random-effects model ``x[s,i] = μ + a_s + b_i 
 is the ordinary t-interval over items; with one item, the t-interval over seeds
 (``tests/test_evidence.py`` checks both and the coverage on simulated data with a known mean).
 
-**Verdicts** come from the interval and a threshold fixed before the run (``null``, usually 0 = no
-effect): ``reproduced`` when the interval excludes the null on the side the lecture says
-(``direction="greater"`` or ``"less"``), ``opposite`` when it excludes it on the other side,
-``inconclusive`` otherwise. A claim with several effects is reproduced only when all of them are,
-opposite when any is.
+**Verdicts** come from the interval and thresholds fixed before the run (``null``, usually 0 = no
+effect; optionally a ``strength`` the lecture's claim needs): ``reproduced`` when the interval excludes
+the null on the side the lecture says (``direction="greater"`` or ``"less"``) and, when the plan fixed a
+strength, lies wholly past it too; ``weaker than claimed`` when it excludes the null on the right side but
+not the strength (C7: a correlation of −0.72 against the claim's −0.8 is this, not ``opposite``);
+``opposite`` when it excludes the null on the other side; ``inconclusive`` otherwise. A claim with several
+effects is reproduced only when all of them are; it is opposite when any is, else inconclusive when any is,
+else weaker than claimed.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from .errors import CourseError
 
 LEVEL = 0.95
 DIRECTIONS = ("greater", "less")
-VERDICTS = ("reproduced", "inconclusive", "opposite")
+VERDICTS = ("reproduced", "weaker than claimed", "inconclusive", "opposite")
 
 # The lecture's claims (../shared/reference/claims.md): ID -> (notebook, the claim in one line).
 CLAIMS: dict[str, tuple[str, str]] = {
@@ -160,14 +163,18 @@ def interval(values, level: float = LEVEL) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def verdict(low: float, high: float, direction: str, null: float = 0.0) -> str:
-    """``reproduced`` / ``opposite`` / ``inconclusive`` from an interval, in the lecture's direction."""
+def verdict(low: float, high: float, direction: str, null: float = 0.0, strength: float | None = None) -> str:
+    """``reproduced`` / ``weaker than claimed`` / ``inconclusive`` / ``opposite`` from an interval, in the
+    lecture's direction (module docstring); ``strength`` is a threshold past ``null`` that the claim needs."""
     if direction not in DIRECTIONS:
         raise CourseError(f"verdict(): direction must be one of {DIRECTIONS} (got {direction!r})")
-    above, below = low > null, high < null
-    if direction == "greater":
-        return "reproduced" if above else "opposite" if below else "inconclusive"
-    return "reproduced" if below else "opposite" if above else "inconclusive"
+    sign = 1.0 if direction == "greater" else -1.0
+    near, far = (low, high) if sign > 0 else (-high, -low)  # the interval seen as 'greater'
+    if strength is not None and sign * (strength - null) <= 0:
+        raise CourseError(f"verdict(): strength {strength} must lie past the null {null} in the direction {direction!r}")
+    if near > sign * null:
+        return "reproduced" if strength is None or near > sign * strength else "weaker than claimed"
+    return "opposite" if far < sign * null else "inconclusive"
 
 
 # ------------------------------------------------------------------ effects and claims
@@ -186,24 +193,28 @@ class Effect:
     null: float
     verdict: str
     what: str = ""
+    strength: float | None = None
 
     def holds(self) -> bool:
-        """The interval bound in the lecture's direction is past the fixed threshold (= ``reproduced``)."""
-        return (self.low > self.null) if self.direction == "greater" else (self.high < self.null)
+        """The verdict is ``reproduced``."""
+        return self.verdict == "reproduced"
 
     def line(self, digits: int = 3) -> str:
         sign = ">" if self.direction == "greater" else "<"
+        need = f"{sign} {self.null:g}" + ("" if self.strength is None else f", claimed {sign} {self.strength:g}")
         return (f"{self.name}: {self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] "
-                f"({self.seeds} seed{'s' if self.seeds != 1 else ''} x {self.items} items; lecture: {sign} "
-                f"{self.null:g}) -> {self.verdict}")
+                f"({self.seeds} seed{'s' if self.seeds != 1 else ''} x {self.items} items; lecture: {need}) "
+                f"-> {self.verdict}")
 
 
-def effect(name: str, values, direction: str, null: float = 0.0, what: str = "") -> Effect:
+def effect(name: str, values, direction: str, null: float = 0.0, what: str = "",
+           strength: float | None = None) -> Effect:
     """An :class:`Effect` from per-(seed, item) values of one effect (``[items]`` or ``[seeds, items]``)."""
     a = _table(values)
     est, lo, hi = interval(a)
     return Effect(name=name, estimate=est, low=lo, high=hi, seeds=int(a.shape[0]), items=int(a.shape[1]),
-                  direction=direction, null=float(null), verdict=verdict(lo, hi, direction, null), what=what)
+                  direction=direction, null=float(null), verdict=verdict(lo, hi, direction, null, strength),
+                  what=what, strength=None if strength is None else float(strength))
 
 
 @dataclass
@@ -216,10 +227,11 @@ class Claim:
 
     @property
     def verdict(self) -> str:
-        vs = [e.verdict for e in self.effects]
-        if vs and all(v == "reproduced" for v in vs):
-            return "reproduced"
-        return "opposite" if "opposite" in vs else "inconclusive"
+        vs = {e.verdict for e in self.effects}
+        for v in ("opposite", "inconclusive", "weaker than claimed"):
+            if v in vs:
+                return v
+        return "reproduced" if vs else "inconclusive"
 
     def __getitem__(self, name: str) -> Effect:
         for e in self.effects:
@@ -258,27 +270,3 @@ def plot_effects(ax, effects: Sequence[Effect], title: str = "") -> None:
     ax.set_yticks(range(len(effects)), [e.name.replace("_", " ") for e in effects], fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
-
-
-def ledger(results: Sequence[dict]) -> str:
-    """One row per lecture claim (C0..C21) from ``COURSEKIT_RESULT`` payloads; claims no notebook has
-    measured on the evidence standard yet are listed as such."""
-    found: dict[str, tuple[dict, str]] = {}
-    for r in results:
-        for c in r.get("claims", []):
-            found[c["id"]] = (c, r.get("profile", "?"))
-    lines = [f"{'claim':5s} {'nb':3s} {'verdict':13s} {'estimate':>9s}  {'95% interval':22s} {'seeds':>5s} "
-             f"{'items':>5s}  effect"]
-    lines.append("-" * len(lines[0]))
-    for cid, (nb, text) in CLAIMS.items():
-        if cid not in found:
-            lines.append(f"{cid:5s} {nb:3s} {'not measured':13s} {'':>9s}  {'':22s} {'':>5s} {'':>5s}  {text}")
-            continue
-        c, profile = found[cid]
-        lines.append(f"{cid:5s} {nb:3s} {c['verdict']:13s} {'':>9s}  {'':22s} {'':>5s} {'':>5s}  {text} [{profile}]")
-        for e in c["effects"]:
-            iv = f"[{e['low']:+.3f}, {e['high']:+.3f}]"
-            sign = ">" if e["direction"] == "greater" else "<"
-            lines.append(f"{'':5s} {'':3s} {e['verdict']:13s} {e['estimate']:+9.3f}  {iv:22s} {e['seeds']:5d} "
-                         f"{e['items']:5d}  {e['name']} ({sign} {e['null']:g})")
-    return "\n".join(lines)

@@ -182,3 +182,23 @@ def save_model(model, tok, folder: str | Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def weights_fingerprint(name: str | None = None) -> str:
+    """SHA-256 of the starting weights: the packaged GGUF's bytes, or every ``*.safetensors`` file of a
+    local model folder (the evidence store records it with every record)."""
+    import hashlib
+
+    name = name or get_profile().model
+    if name in PACKAGED:
+        module, gguf_name, pip_name = PACKAGED[name]
+        path = _package_dir(module, pip_name) / gguf_name
+        stat = path.stat()
+        return _gguf_fingerprint(path, stat.st_size, stat.st_mtime_ns)
+    folder = Path(resolve_model_path(name))
+    if not folder.exists():
+        return f"hub:{name}"
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()

@@ -115,3 +115,41 @@ def edit_margins(model, tok, notes: Sequence[dict], prompt_fn_for: Callable[[int
                      [notes[i]["target_new"] for i in owner], [notes[i]["target_true"] for i in owner], batch_size)
         out["generality"] = [sum(v for o, v in zip(owner, m) if o == i) / owner.count(i) for i in range(len(notes))]
     return out
+
+
+def c0_record(config: dict, seed: int) -> dict:
+    """One record of claim C0 (``evidence/plan/00_foundation_model.yaml``; notebook 00, section 5).
+
+    ``config["prompt"]`` is ``plain`` (the foundation model), ``retrieval`` (the note retrieved above
+    ``threshold``) or ``incontext`` (a question's own note among ``others`` drawn and ordered by ``seed``).
+    Returns ``{"values": ...}`` (:mod:`coursekit.store`): per note id, the margins of :func:`edit_margins` (``reliability``; ``generality`` unless
+    ``config["generality"]`` is false) and, for the prompting methods, per held-out instruction of the shared
+    old-abilities measure, the NLL rise and KL of the foundation's own answers under the method's prompt
+    (``unrelated_nll_rise``, ``unrelated_kl``; for ``incontext`` the prompt holds ``others + 1`` notes)."""
+    from .abilities import OldAbilities, load_old_abilities
+    from .models import load_model
+
+    model, tok = load_model()
+    notes = load_notes()
+    texts, ids = [n["note"] for n in notes], [n["id"] for n in notes]
+    kind = config.get("prompt")
+    if kind == "plain":
+        fn_for = unrelated_for = None
+    elif kind == "retrieval":
+        fn = Retriever(texts, keys=[n["question"] + " " + n["subject"] for n in notes],
+                       threshold=config["threshold"]).prompt_fn(tok)
+        fn_for = unrelated_for = lambda i: fn  # noqa: E731
+    elif kind == "incontext":
+        fn_for = incontext_for(tok, texts, config["others"], seed)
+        unrelated_for = incontext_for(tok, texts, config["others"] + 1, seed, own=False)
+    else:
+        raise CourseError(f"c0_record(): prompt must be plain, retrieval or incontext (got {kind!r})")
+    margins = edit_margins(model, tok, notes, fn_for, generality=config.get("generality", True))
+    out = {metric: dict(zip(ids, v)) for metric, v in margins.items()}
+    if unrelated_for is not None:
+        old = OldAbilities.build(model, tok, progress=False)
+        rise = old.per_item(model, tok, unrelated_for)
+        old_ids = [r["id"] for r in load_old_abilities()["eval"]]
+        out["unrelated_nll_rise"] = dict(zip(old_ids, rise["forgetting"]))
+        out["unrelated_kl"] = dict(zip(old_ids, rise["kl"]))
+    return {"values": out}

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from coursekit import evidence as ev
+from coursekit import store
 from coursekit.errors import CourseError
 from coursekit.results import read_results, record
 
@@ -74,6 +75,13 @@ def test_verdicts_follow_the_interval_in_the_lectures_direction():
     assert ev.verdict(-0.3, -0.1, "greater") == "opposite"
     assert ev.verdict(-0.3, -0.1, "less") == "reproduced"
     assert ev.verdict(0.2, 0.4, "less", null=0.5) == "reproduced"
+    # a strength the claim needs (C7: r = -0.72 against a claimed -0.8 is weaker than claimed, not opposite)
+    assert ev.verdict(-0.85, -0.6, "less", strength=-0.8) == "weaker than claimed"
+    assert ev.verdict(-0.95, -0.85, "less", strength=-0.8) == "reproduced"
+    assert ev.verdict(-0.3, 0.1, "less", strength=-0.8) == "inconclusive"
+    assert ev.verdict(0.1, 0.3, "less", strength=-0.8) == "opposite"
+    with pytest.raises(CourseError, match="strength"):
+        ev.verdict(0.1, 0.3, "greater", strength=-1)
     up = ev.effect("gain", [0.5, 0.6, 0.7, 0.4], "greater")
     flat = ev.effect("flat", [-0.5, 0.6, 0.1, -0.2], "greater")
     down = ev.effect("loss", [0.5, 0.6, 0.7, 0.4], "less")
@@ -81,6 +89,10 @@ def test_verdicts_follow_the_interval_in_the_lectures_direction():
     assert ev.claim("C0", up).verdict == "reproduced"
     assert ev.claim("C0", up, flat).verdict == "inconclusive"
     assert ev.claim("C0", up, flat, down).verdict == "opposite"
+    weak = ev.effect("weak", [0.5, 0.6, 0.7, 0.4], "greater", strength=2)
+    assert weak.verdict == "weaker than claimed" and not weak.holds() and "claimed > 2" in weak.line()
+    assert ev.claim("C0", up, weak).verdict == "weaker than claimed"
+    assert ev.claim("C0", up, weak, flat).verdict == "inconclusive"
 
 
 def test_over_seeds_stacks_per_item_values():
@@ -94,7 +106,8 @@ def test_over_seeds_stacks_per_item_values():
         ev.over_seeds(lambda s: [0.0] * (s + 1), seeds=2, progress=False)
 
 
-def test_claims_travel_in_the_results_line_and_the_ledger(capsys, tmp_path):
+def test_claims_travel_in_the_results_line_and_the_ledger(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSEKIT_EVIDENCE_DIR", str(tmp_path / "empty-store"))  # claims no plan holds yet
     c = ev.claim("C0", ev.effect("rag_reliability", np.linspace(0.1, 0.9, 40), "greater", what="margin gain"))
     record("00_test", {"x": 1.0}, claims=[c])
     line = capsys.readouterr().out.strip()
@@ -103,9 +116,10 @@ def test_claims_travel_in_the_results_line_and_the_ledger(capsys, tmp_path):
     path.write_text(json.dumps(nb))
     res = read_results(path)
     assert res[0]["claims"][0]["id"] == "C0" and res[0]["claims"][0]["verdict"] == "reproduced"
-    text = ev.ledger(res)
+    text = store.ledger(res)
     rows = {l.split()[0]: l for l in text.splitlines()[2:] if l[:1] == "C"}
     assert "reproduced" in rows["C0"] and "not measured" in rows["C1"] and len(rows) == len(ev.CLAIMS)
+    assert "not yet in the evidence store" in text
     assert "rag_reliability" in text and "40" in text
 
 
