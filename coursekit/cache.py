@@ -155,10 +155,10 @@ def _notice(path: Path, err: Exception) -> None:
     print(f"coursekit cache: {path.name} is unreadable ({reason}); recomputing it", file=sys.stderr)
 
 
-def _entry(kind, config, compute, code, weights, suffix, load, save):
+def _entry(kind, config, compute, code, weights, suffix, load, save, refresh=False):
     code = [*code, compute]
     path = _path(kind, key(kind, config, code, weights), suffix)
-    if path.exists():
+    if path.exists() and not refresh:
         try:
             return load(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry is recomputed, with a notice
@@ -175,8 +175,10 @@ def json(kind: str, config, compute: Callable[[], object], code: Iterable = (), 
                   lambda v, p: p.write_text(_json.dumps(v, ensure_ascii=False), encoding="utf-8"))
 
 
-def tensors(kind: str, config, compute: Callable[[], dict], code: Iterable = (), weights=None) -> dict:
-    """A dict of tensors cached as safetensors (never pickles), or ``compute()`` stored."""
+def tensors(kind: str, config, compute: Callable[[], dict], code: Iterable = (), weights=None,
+            refresh: bool = False) -> dict:
+    """A dict of tensors cached as safetensors (never pickles), or ``compute()`` stored; ``refresh=True``
+    computes anew and overwrites the entry (the evidence store's live runs never read a result back)."""
     from safetensors.torch import load_file, save_file
 
     def save(v, p):
@@ -184,7 +186,7 @@ def tensors(kind: str, config, compute: Callable[[], dict], code: Iterable = (),
             raise CourseError(f"cache.tensors({kind!r}): compute() must return a non-empty dict of tensors")
         save_file({k: t.detach().contiguous().cpu() for k, t in v.items()}, str(p))
 
-    return _entry(kind, config, compute, code, weights, ".safetensors", lambda p: load_file(str(p)), save)
+    return _entry(kind, config, compute, code, weights, ".safetensors", lambda p: load_file(str(p)), save, refresh)
 
 
 def folder(kind: str, config, build: Callable[[Path], None], check: Callable[[Path], None],

@@ -290,8 +290,10 @@ def apply(model, base: dict, tau: TaskVector, lam: float = 1.0):
     return model
 
 
-def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = None, weights=None) -> TaskVector:
-    """Task vector ``key`` from the course cache (:mod:`coursekit.cache`), or ``make()`` stored there.
+def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = None, weights=None,
+                  refresh: bool = False) -> TaskVector:
+    """Task vector ``key`` from the course cache (:mod:`coursekit.cache`), or ``make()`` stored there
+    (``refresh=True``: always ``make()``, and store it).
 
     The entry is keyed by ``spec`` (the training recipe: data, steps, lr, ...), the source of ``make`` and
     of the fine-tuning and merging code, the library versions and ``weights`` (the base model or snapshot
@@ -309,17 +311,19 @@ def cached_vector(key: str, make: Callable[[], TaskVector], spec: dict | None = 
             raise CourseError(f"cached_vector({key!r}): make() must return a non-empty TaskVector")
         return tau.deltas
 
-    return TaskVector(cache.tensors(f"merging/{key}", spec or {}, compute, code=[finetune, make], weights=weights))
+    return TaskVector(cache.tensors(f"merging/{key}", spec or {}, compute, code=[finetune, make], weights=weights,
+                                    refresh=refresh))
 
 
 LORA = dict(r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])  # notebook 05's fine-tunes
 
 
 def finetune_vector(model, tok, base: dict, key: str, records: Sequence[dict], seed: int, steps: int,
-                    lr: float = 3e-3, batch_size: int = 4, lora: dict | None = None) -> TaskVector:
+                    lr: float = 3e-3, batch_size: int = 4, lora: dict | None = None, refresh: bool = False) -> TaskVector:
     """``tau = theta_ft - theta`` of a LoRA fine-tune (merged back) on ``records``' train split, from the base
     snapshot ``base``, with ``seed`` driving the data order and the LoRA initialisation; cached
-    (:func:`cached_vector`: keyed by the examples, recipe, seed, code and base). ``model`` is left at ``base``."""
+    (:func:`cached_vector`: keyed by the examples, recipe, seed, code and base; ``refresh=True`` trains anew and
+    stores it). ``model`` is left at ``base``."""
     from .finetune import train
     from .models import restore
 
@@ -334,7 +338,7 @@ def finetune_vector(model, tok, base: dict, key: str, records: Sequence[dict], s
         return TaskVector.extract(ft, base)
 
     try:
-        return cached_vector(f"{key}-seed{seed}", make, spec, weights=base)
+        return cached_vector(f"{key}-seed{seed}", make, spec, weights=base, refresh=refresh)
     finally:
         restore(model, base)
 
@@ -478,3 +482,67 @@ def tensor_diffs(state_a: dict, state_b: dict, keys: Iterable[str]) -> list[floa
             raise CourseError(f"tensor_diffs(): '{k}' is missing from one of the two models")
         out.append((state_a[k].float().cpu() - state_b[k].float().cpu()).abs().max().item())
     return out
+
+
+# ------------------------------------------------------------------ notebook 05 I's evidence record
+
+SKILLS_05 = ("armour", "sword", "slang", "sword_styled")  # the four task vectors of notebook 05 I, per seed
+RECIPES_05 = ("C", "C_armour", "C_B", "analogy")  # C18's task-D recipes: τ_C, τ_C + τ_armour, τ_C + τ_B, τ_C + (τ_B − τ_A)
+
+
+def skills_05() -> tuple[dict, list]:
+    """Notebook 05 I's skills (armour, sword, slang, control and sword_styled = task B) and task D (slang in the
+    persona, never trained on)."""
+    S = {name: load_skill(name) for name in ("armour", "sword", "slang", "control")}
+    S["sword_styled"] = styled(S["sword"])
+    return S, styled(S["slang"])
+
+
+def _by_id(model, tok, S: dict, key: str) -> dict:
+    """Skill ``key``'s per-item scores by record id: its held-out items (control: all of them)."""
+    split = None if key == "control" else "test"
+    return dict(zip([r["id"] for r in _select(S[key], split)], skill_scores(model, tok, S[key], split)))
+
+
+def _task_d(model, tok, D: list, name: str) -> dict:
+    """Task D's three parts (persona, part, both) by record id, as ``D_<name>_<part>``."""
+    ids = [r["id"] for r in _select(D, "test")]
+    return {f"D_{name}_{part}": dict(zip(ids, v)) for part, v in styled_scores(model, tok, D, "test").items()}
+
+
+def merging_record(config: dict, seed: int) -> dict:
+    """One record of notebook 05 I (``evidence/plan/05_model_merging.yaml``; sections 1 and 2).
+
+    ``config["part"] == "foundation"``: the base model's held-out scores (armour, sword, control, task D).
+    ``"vectors"``: the four LoRA task vectors of ``seed`` (:data:`SKILLS_05`; ``config["steps"]``, ``["lr"]``),
+    trained anew (never read from the cache, but stored there for the notebook's illustrations), then the
+    single-skill models and θ + τ_armour + τ_sword (C16, with its cost on control facts and on the old abilities'
+    held-out instructions) and the task-D recipes :data:`RECIPES_05` (C18)."""
+    from .abilities import OldAbilities, load_old_abilities
+    from .models import load_model, snapshot
+
+    model, tok = load_model()
+    base = snapshot(model)
+    S, D = skills_05()
+    if config.get("part") == "foundation":
+        return {"values": {**{k: _by_id(model, tok, S, k) for k in ("armour", "sword", "control")},
+                           **_task_d(model, tok, D, "base")}}
+    if config.get("part") != "vectors":
+        raise CourseError(f"merging_record(): part must be foundation or vectors (got {config.get('part')!r})")
+    old = OldAbilities.build(model, tok, progress=False)  # the foundation's answers to held-out instructions
+    tv = {k: finetune_vector(model, tok, base, k, S[k], seed, config["steps"], config["lr"], refresh=True)
+          for k in SKILLS_05}
+    out = {}
+    for k in ("armour", "sword"):
+        apply(model, base, tv[k])
+        out[f"{k}_single"] = _by_id(model, tok, S, k)
+    apply(model, base, tv["armour"] + tv["sword"])
+    out.update({f"add_{k}": _by_id(model, tok, S, k) for k in ("armour", "sword", "control")})
+    out["add_old"] = dict(zip([r["id"] for r in load_old_abilities()["eval"]], old.per_item(model, tok)["forgetting"]))
+    recipes = {"C": lambda: tv["slang"], "C_armour": lambda: tv["slang"] + tv["armour"],
+               "C_B": lambda: tv["slang"] + tv["sword_styled"],
+               "analogy": lambda: tv["slang"] + (tv["sword_styled"] - tv["sword"])}
+    for name in RECIPES_05:
+        apply(model, base, recipes[name]())
+        out.update(_task_d(model, tok, D, name))
+    return {"values": out}

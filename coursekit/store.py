@@ -240,7 +240,10 @@ def _evaluate(node, term):
         return float(node.value)
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
         return term(node.value.id, node.attr)
-    raise CourseError(f"effect expressions use name.metric, numbers, + - * / and parentheses (got {ast.unparse(node)!r})")
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "mean_items" and len(node.args) == 1:
+        return _evaluate(node.args[0], term).mean(-1, keepdims=True)  # one value per seed, broadcast over items
+    raise CourseError(f"effect expressions use name.metric, numbers, + - * /, mean_items(...) and parentheses "
+                      f"(got {ast.unparse(node)!r})")
 
 
 # ------------------------------------------------------------------ records

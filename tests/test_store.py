@@ -99,6 +99,11 @@ def test_claims_are_built_from_records_with_the_plans_thresholds(fake_store):
     assert c["gain"].seeds == 5 and c["gain"].items == 5 and c["gain"].verdict == "reproduced"
     assert c["strong_gain"].verdict == "weaker than claimed" and c.verdict == "weaker than claimed"
     assert c.note == f"plan {store.load_plan('99_fake').claim_hash('C9')}"
+    ev = store.Evidence("99_fake")
+    share = ev.values("(method.score - reference.score) / mean_items(method.score - reference.score)")
+    assert share.shape == (5, 5) and np.allclose(share.mean(1), 1.0)  # each seed's items as a share of its own mean
+    with pytest.raises(CourseError, match="mean_items"):
+        ev.values("max(method.score)")
     text = store.ledger()
     assert "C9" in text and store.load_plan("99_fake").claim_hash("C9") in text and "method" in text and "x5" in text
 
@@ -184,3 +189,26 @@ def test_notebook_00_records_fail_verification_under_another_data_order():
     live = store._run(cfg, 4)["values"]
     with pytest.raises(CourseError, match="incontext/seed-3, metric reliability"):
         store.compare(cfg, 3, ev.records[("incontext", 3)]["values"], live, ev.plan.tolerance)
+
+
+def test_each_plan_was_committed_before_its_records():
+    """Pre-registration's audit trail: every commit that added records of a notebook descends from, and is not,
+    the commit that added its plan (skipped outside a full git checkout; uncommitted records are not judged)."""
+    import subprocess
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=store.ROOT, capture_output=True, text=True)
+        return r.returncode, r.stdout.split()
+
+    rc, shallow = git("rev-parse", "--is-shallow-repository")
+    if rc != 0 or shallow != ["false"]:
+        pytest.skip("needs a full git checkout")
+    for plan in store.plans():
+        _, added = git("log", "--diff-filter=A", "--format=%H", "--", f"evidence/plan/{plan.notebook}.yaml")
+        if not added:
+            continue  # a plan not committed yet
+        first = added[-1]
+        _, record_commits = git("log", "--diff-filter=A", "--format=%H", "--", f"evidence/records/{plan.notebook}/")
+        for c in record_commits:
+            rc, _ = git("merge-base", "--is-ancestor", first, c)
+            assert rc == 0 and c != first, f"records of {plan.notebook} added in {c[:10]}, not after its plan ({first[:10]})"
