@@ -546,3 +546,103 @@ def merging_record(config: dict, seed: int) -> dict:
         apply(model, base, recipes[name]())
         out.update(_task_d(model, tok, D, name))
     return {"values": out}
+
+
+# ------------------------------------------------------------------ notebook 05 II's evidence records
+
+def negation_record(config: dict, seed: int) -> dict:
+    """One record of notebook 05 II (``evidence/plan/05_negation_and_mergekit.yaml``).
+
+    ``config["part"] == "subtraction"`` (C17, section 1): :func:`subtraction_scores` for ``seed``.
+    ``"mergekit"`` (C19, section 2): :func:`mergekit_scores` (its seed fixes the fine-tunes and DARE's drops)."""
+    from .models import load_model, snapshot
+
+    model, tok = load_model()
+    base = snapshot(model)
+    S = {name: load_skill(name) for name in ("sword", "slang", "rival", "control")}
+    part = config.get("part")
+    if part not in ("subtraction", "mergekit"):
+        raise CourseError(f"negation_record(): part must be subtraction or mergekit (got {part!r})")
+    scores = subtraction_scores if part == "subtraction" else mergekit_scores
+    return {"values": scores(model, tok, base, S, config, seed)}
+
+
+def subtraction_scores(model, tok, base: dict, S: dict, config: dict, seed: int) -> dict:
+    """C17: θ_ss learns slang and sword together (``2 × steps``); λ is the smallest of ``config["lambdas"]`` that
+    leaves ≤ 10% of the slang gain on the slang *training* questions (:func:`smallest_lambda`); then per item, before
+    (``ss_``) and after (``neg_``) θ_ss − λ·τ_slang: slang and sword held-out scores, control facts and the old
+    abilities' NLL rise (vs the foundation). Both vectors are trained anew (``refresh``)."""
+    import numpy as np
+
+    from .abilities import OldAbilities, load_old_abilities
+
+    old = OldAbilities.build(model, tok, progress=False)  # the foundation's answers, scored while model == base
+    base_train = np.mean(skill_scores(model, tok, S["slang"], "train"))
+    steps, lr = config["steps"], config["lr"]
+    tau = finetune_vector(model, tok, base, "slang", S["slang"], seed, steps, lr, refresh=True)
+    both = finetune_vector(model, tok, base, "sword_slang", S["sword"] + S["slang"], seed, 2 * steps, lr, refresh=True)
+    theta_ss = merged_state(base, both)
+
+    def gain(lam: float = 0.0) -> float:
+        apply(model, theta_ss, tau, lam)
+        return float(np.mean(skill_scores(model, tok, S["slang"], "train")) - base_train)
+
+    lam = smallest_lambda(lambda l: gain(-l), config["lambdas"], gain())
+    out = {"lambda": {"chosen": lam}}
+    for name, l in (("ss", 0.0), ("neg", -lam)):
+        apply(model, theta_ss, tau, l)
+        out.update({f"{name}_{k}": _by_id(model, tok, S, k) for k in ("slang", "sword", "control")})
+        out[f"{name}_old"] = dict(zip([r["id"] for r in load_old_abilities()["eval"]],
+                                      old.per_item(model, tok)["forgetting"]))
+    return out
+
+
+MERGES_05 = ("task_arithmetic", "ties", "dare_ties")  # notebook 05 II's mergekit methods (TIES/DARE at density 0.5)
+
+
+def mergekit_scores(model, tok, base: dict, S: dict, config: dict, seed: int) -> dict:
+    """C19: the sword and a rival (the same questions, contradicting names) fine-tuned anew, saved as folders and
+    merged by mergekit with each of :data:`MERGES_05`. Per tensor the tensors change: ``diff_task_arithmetic``
+    (mergekit vs ``base + τ_sword + τ_rival`` in torch) and ``diff_ties`` / ``diff_dare_ties`` (vs mergekit's task
+    arithmetic); per held-out sword question (the first ``config["items"]``) the log-probability per token of the
+    sword's name and of the rival's (``<model>_sword``, ``<model>_rival``) for the base, each single model and each
+    merge."""
+    import numpy as np
+
+    from .cache import cache_dir
+    from .chat import chat_prompt
+    from .evaluate import score_target_sets
+    from .models import restore
+
+    kept = {k: finetune_vector(model, tok, base, k, S[k], seed, config["steps"], config["lr"], refresh=True)
+            for k in ("sword", "rival")}
+    work = cache_dir() / "merging" / "folders"
+    fold = {"base": save_folder(model, tok, base, None, work / "base")}
+    fold.update({k: save_folder(model, tok, base, kept[k], work / k) for k in kept})
+    sw, rv = (_select(S[k], "test")[:config["items"]] for k in ("sword", "rival"))
+    prompts = [chat_prompt(tok, r["question"], SYSTEM, prefix=r["prefix"]) for r in sw]
+    out = {}
+
+    def names(label: str) -> None:
+        a, b = score_target_sets(model, tok, prompts, [[r["target"] for r in sw], [r["target"] for r in rv]])
+        out[f"{label}_sword"] = {r["id"]: x["logprob"] / x["n"] for r, x in zip(sw, a)}
+        out[f"{label}_rival"] = {r["id"]: x["logprob"] / x["n"] for r, x in zip(sw, b)}
+
+    for label, tau in (("base", TaskVector({})), ("sword_only", kept["sword"]), ("rival_only", kept["rival"])):
+        apply(model, base, tau)
+        names(label)
+    keys = sorted(set(kept["sword"].deltas) | set(kept["rival"].deltas))
+    both = kept["sword"] + kept["rival"]
+    reference = {k: base[k] + both.deltas[k] for k in keys}  # task arithmetic in torch, then mergekit's own
+    pair = [{"model": fold["sword"], "weight": 1.0}, {"model": fold["rival"], "weight": 1.0}]
+    for method in MERGES_05:
+        models = pair if method == "task_arithmetic" else [dict(m, density=config["density"]) for m in pair]
+        state = load_state(run_mergekit(mergekit_config(method, fold["base"], models), work / f"mk_{method}", seed=seed))
+        merged = {k: state[k] for k in keys}
+        out[f"diff_{method}"] = dict(zip(keys, np.array(tensor_diffs(merged, reference, keys), float)))
+        if method == "task_arithmetic":
+            reference = merged  # TIES and DARE are compared with mergekit's task arithmetic
+        restore(model, {**base, **merged})
+        names(method)
+    restore(model, base)
+    return out

@@ -176,6 +176,22 @@ def _effects(r: _PlanReader, raw: dict, configurations: dict) -> dict:
     return claims
 
 
+def _tolerance(r: _PlanReader, tol: dict) -> dict:
+    """``{"atol", "rtol", "by_metric": {metric: {"atol", "rtol"}}}``: a metric whose values live on another scale
+    (a weight difference of 1e-9 beside log-probabilities) gets its own."""
+    def one(t, where):
+        if not isinstance(t, dict) or not t or not set(t) <= {"atol", "rtol"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in t.values()):
+            r.fail(where, "must give atol and/or rtol as non-negative numbers")
+        return {"atol": float(t.get("atol", 0)), "rtol": float(t.get("rtol", 0))}
+
+    by_metric = tol.get("by_metric", {})
+    if not isinstance(by_metric, dict):
+        r.fail("tolerance.by_metric", "must map metric names to {atol, rtol}")
+    out = one({k: v for k, v in tol.items() if k != "by_metric"}, "tolerance")
+    return {**out, "by_metric": {m: one(t, f"tolerance.by_metric.{m}") for m, t in by_metric.items()}}
+
+
 def load_plan(notebook: str) -> Plan:
     """The validated plan of ``notebook`` (one-line :class:`CourseError` naming the field when malformed)."""
     import yaml
@@ -192,10 +208,7 @@ def load_plan(notebook: str) -> Plan:
         r.fail("notebook", f"must be {notebook!r}")
     configurations = _configurations(r, raw, notebook)
     claims = _effects(r, raw, configurations)
-    tol = r.get(raw, "tolerance", dict, "")
-    if not all(isinstance(tol.get(k, 0), (int, float)) and tol.get(k, 0) >= 0 for k in ("atol", "rtol")) \
-            or not set(tol) <= {"atol", "rtol"} or not tol:
-        r.fail("tolerance", "must give atol and/or rtol as non-negative numbers")
+    tolerance = _tolerance(r, r.get(raw, "tolerance", dict, ""))
     verify = []
     for entry in r.get(raw, "verify", list, ""):
         name, _, seed = str(entry).partition("/seed-")
@@ -204,7 +217,7 @@ def load_plan(notebook: str) -> Plan:
         verify.append((name, int(seed)))
     if not verify:
         r.fail("verify", "must name at least one record that every test run recomputes")
-    return Plan(notebook, configurations, claims, verify, {"atol": 0.0, "rtol": 0.0, **tol}, raw)
+    return Plan(notebook, configurations, claims, verify, tolerance, raw)
 
 
 def plans() -> list[Plan]:
@@ -365,11 +378,11 @@ def compare(cfg: Configuration, seed: int, committed: dict, live: dict, toleranc
         raise CourseError(f"evidence record {rel}: the live run gives metrics {sorted(live)}, the record {sorted(committed)}")
     worst = 0.0
     for metric, old in committed.items():
-        new = live[metric]
+        new, t = live[metric], tolerance.get("by_metric", {}).get(metric, tolerance)
         if list(old) != list(new):
             raise CourseError(f"evidence record {rel}, metric {metric}: the live run scores other items than the record")
         for item, a in old.items():
-            b, tol = new[item], tolerance["atol"] + tolerance["rtol"] * abs(old[item])
+            b, tol = new[item], t["atol"] + t["rtol"] * abs(old[item])
             worst = max(worst, abs(b - a))
             if not abs(b - a) <= tol:
                 raise CourseError(f"evidence record {rel}, metric {metric}, item {item}: committed {a:.6g}, "
@@ -405,8 +418,9 @@ class Verification:
         if self.mismatch:
             return f"MISMATCH: {self.mismatch}"
         which = ", ".join(f"{n}/seed-{s}" for n, s, _ in self.checked)
+        own = f"; {len(self.tolerance['by_metric'])} metric(s) with their own" if self.tolerance["by_metric"] else ""
         return (f"{len(self.checked)} record(s) recomputed live ({which}): {sum(k for _, _, k in self.checked)} values, "
-                f"every one within the plan's tolerance (atol {self.tolerance['atol']:g}, rtol {self.tolerance['rtol']:g})")
+                f"every one within the plan's tolerance (atol {self.tolerance['atol']:g}, rtol {self.tolerance['rtol']:g}{own})")
 
 
 _WHY = {"missing": "is missing", "corrupt": "is corrupt (not a record of this format)",

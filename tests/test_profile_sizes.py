@@ -178,8 +178,6 @@ RULES = [
     ("04", "LAYER_STEP", "every layer or every second layer (the claim's bands need both parities covered)",
      lambda v, o: v in (1, 2)),
     ("04", "SWEEP", "sweep layers within the model's 30 layers", lambda v, o: all(0 <= x < 30 for x in v)),
-    ("05", "SEEDS", "at least 3 seeds for every trained task vector (the evidence standard)", lambda v, o: v >= 3),
-    ("05", "STEPS", "each of a skill's 12 training examples is seen at least once (batch 4)", lambda v, o: 4 * v >= 12),
     ("06", "make_curve(n_train=)", "the largest neighbourhood (KS) fits in the training set",
      lambda v, o: max(_ks()) <= v),
     ("06", "K_LM", "leave-one-out neighbours fit in a topic (its other passages), and as many other-topic passages exist",

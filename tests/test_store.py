@@ -133,6 +133,9 @@ def test_the_live_sample_passes_within_the_tolerance_and_fails_on_a_real_change(
     committed = ev.records[("method", 2)]["values"]
     wobble = store._run(store.Configuration("99_fake", "method", cfg.run, {**cfg.config, "wobble": 4e-4}, (2,), ""), 2)["values"]
     assert store.compare(cfg, 2, committed, wobble, ev.plan.tolerance) < 1e-3  # another CPU's last digits pass
+    strict = {**ev.plan.tolerance, "by_metric": {"loss": {"atol": 1e-6, "rtol": 0.0}}}  # a metric with its own tolerance
+    with pytest.raises(CourseError, match="metric loss"):
+        store.compare(cfg, 2, committed, wobble, strict)
     for change in ({"lr": 2.0}, {"order": "reversed"}):  # a learning rate x 2, another data order
         live = store._run(store.Configuration("99_fake", "method", cfg.run, {**cfg.config, **change}, (2,), ""), 2)["values"]
         with pytest.raises(CourseError, match=r"evidence record 99_fake/method/seed-2, metric \w+, item item\d: committed .* recomputed .* tolerance") as e:
@@ -150,6 +153,7 @@ def test_the_live_sample_passes_within_the_tolerance_and_fails_on_a_real_change(
     ("values: method.score - reference.score", "values: other.score - reference.score", "unknown configuration"),
     ("verify: [method/seed-2]", "verify: [method/seed-7]", "is not '<configuration>/seed-<s>'"),
     ("tolerance: {atol: 0.001}", "tolerance: {atol: -1}", "tolerance must give"),
+    ("tolerance: {atol: 0.001}", "tolerance: {atol: 0.001, by_metric: {loss: {atol: x}}}", "tolerance.by_metric.loss must give"),
     ("  C9:", "  C99:", "is not a lecture claim"),
     ("notebook: 99_fake", "notebook: [", "is not valid YAML"),
 ])
@@ -212,3 +216,17 @@ def test_each_plan_was_committed_before_its_records():
         for c in record_commits:
             rc, _ = git("merge-base", "--is-ancestor", first, c)
             assert rc == 0 and c != first, f"records of {plan.notebook} added in {c[:10]}, not after its plan ({first[:10]})"
+
+
+def test_planned_sizes_fit_their_data():
+    """The plans' sizes against the data they act on (what tests/test_profile_sizes.py checks for notebook picks)."""
+    from coursekit import merging, prompting
+
+    c0 = store.load_plan("00_foundation_model").configurations["incontext"].config
+    assert 1 <= c0["others"] and c0["others"] + 1 < len(prompting.load_notes()), "own note + others fit in the notes"
+    for nb, name in (("05_model_merging", "vectors"), ("05_negation_and_mergekit", "subtraction")):
+        cfg = store.load_plan(nb).configurations[name].config
+        train = [r for r in merging.load_skill("sword") if r["split"] == "train"]
+        assert 4 * cfg["steps"] >= len(train), f"{nb}: each of a skill's training examples is seen at least once (batch 4)"
+    mk = store.load_plan("05_negation_and_mergekit").configurations["mergekit"].config
+    assert mk["items"] <= len([r for r in merging.load_skill("sword") if r["split"] == "test"])
