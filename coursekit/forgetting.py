@@ -518,23 +518,13 @@ def forgetting_curves(model, tok, snap: dict, probe: FormatProbe, examples: Sequ
     from .evidence import over_seeds
     from .models import restore
 
-    per_epoch = max(1, len(examples) // batch_size)
     restore(model, snap)
     start = probe.measure(model)
     kept: list = []
 
     def one(seed: int) -> dict:
         def make() -> dict:
-            restore(model, snap)
-            curve: list = []
-
-            def after_epoch(step, m):
-                curve.append(probe.measure(m))
-
-            _, hist = finetune.train(model, tok, examples, steps=epochs * per_epoch, lr=lr, batch_size=batch_size,
-                                     seed=seed, callback=after_epoch, every=per_epoch,
-                                     progress=f"{progress} (seed {seed})")
-            return {"curve": curve, "loss": [h["loss"] for h in hist]}
+            return narrow_curve(model, tok, snap, probe, examples, epochs, batch_size, lr, seed, progress)
 
         config = {"examples": list(examples), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "probe": probe.settings()}
@@ -550,6 +540,52 @@ def forgetting_curves(model, tok, snap: dict, probe: FormatProbe, examples: Sequ
     values = {k: np.stack([flat[f"{k}@{e}"] for e in range(epochs + 1)]) for k in names}
     return {"values": values, "answers": [[c["answers"] for c in o["curve"]] for o in kept],
             "loss": [o["loss"] for o in kept]}
+
+
+def narrow_curve(model, tok, snap: dict, probe: FormatProbe, examples: Sequence[dict], epochs: int, batch_size: int,
+                 lr: float, seed: int, progress: bool | str = "narrow task") -> dict:
+    """One seed of :func:`forgetting_curves`, never cached: full fine-tuning from ``snap`` on ``examples`` (the seed
+    sets the data order), :meth:`FormatProbe.measure` after every epoch. ``{"curve": [per epoch], "loss": [...]}``."""
+    from . import finetune
+    from .models import restore
+
+    per_epoch = max(1, len(examples) // batch_size)
+    restore(model, snap)
+    curve: list = []
+
+    def after_epoch(step, m):
+        curve.append(probe.measure(m))
+
+    _, hist = finetune.train(model, tok, examples, steps=epochs * per_epoch, lr=lr, batch_size=batch_size,
+                             seed=seed, callback=after_epoch, every=per_epoch,
+                             progress=progress and f"{progress} (seed {seed})")
+    return {"curve": curve, "loss": [h["loss"] for h in hist]}
+
+
+def json_curve_record(config: dict, seed: int) -> dict:
+    """One record of notebook 01 III (``evidence/plan/01_forgetting_a_skill_json.yaml``): the alignment stage (a
+    cached model copy: it builds the JSON ability, the same for every seed), then :func:`narrow_curve` for ``seed``.
+    Values ``<measure>_e<epoch>`` per item (epoch 0 = the aligned model): JSON questions ``json-NN``, the task's own
+    sentences ``template-NN``, emotion rows ``row-NN``; extras: six sample answers per epoch and the losses."""
+    from .models import load_model, snapshot
+
+    model, tok = load_model()
+    skills, fam = load_skills(), load_families()
+    align = config["align"]
+    model, _ = alignment_stage(model, tok, skills, steps=align["steps"], lr=align["lr"], progress=False)
+    aligned = snapshot(model)
+    probe = FormatProbe(model, tok, skills, fam)
+    curve = [probe.measure(model)]
+    run = narrow_curve(model, tok, aligned, probe, task_examples(tok, skills), config["epochs"], config["batch_size"],
+                       config["lr"], seed, progress=False)
+    curve += run["curve"]
+    ids = {"json": [f"json-{i:02d}" for i in range(len(probe.questions))],
+           "template": [f"template-{i:02d}" for i in range(len(probe.template))],
+           "row": [f"row-{i:02d}" for i in range(len(probe.rows))]}
+    items = {"json_valid": "json", "json_valid_template": "template", "json_prefix_logp": "json",
+             "json_nll_rise": "json", "task_margin": "row", "task_correct": "row"}
+    values = {f"{m}_e{e}": dict(zip(ids[kind], c[m])) for e, c in enumerate(curve) for m, kind in items.items()}
+    return {"values": values, "extras": {"answers": [c["answers"] for c in curve], "loss": run["loss"]}}
 
 
 # ------------------------------------------------------------------ the alignment stage (cached)

@@ -153,7 +153,6 @@ OLD = load_old_abilities()
 RULES = [
     ("01", "FamilyProbe(open_tokens=)", "open answers of >= 32 tokens (long enough that the foundation's are cut and "
      "terse ones visibly end by themselves)", lambda v, o: v >= 32),
-    ("01", "EPOCHS", "at least 3 epochs of the narrow task (the lecture's story spans three)", lambda v, o: v >= 3),
     ("02", "EVERY", "a checkpoint every EVERY steps within STEPS", lambda v, o: 1 <= v <= o["STEPS"]),
     ("02", "N_OLD", "at least 50 old-ability instructions (one metric carries C6-C9), at most a half of the set",
      lambda v, o: 50 <= v <= min(len(OLD["fit"]), len(OLD["eval"]))),

@@ -136,6 +136,12 @@ def test_the_live_sample_passes_within_the_tolerance_and_fails_on_a_real_change(
     strict = {**ev.plan.tolerance, "by_metric": {"loss": {"atol": 1e-6, "rtol": 0.0}}}  # a metric with its own tolerance
     with pytest.raises(CourseError, match="metric loss"):
         store.compare(cfg, 2, committed, wobble, strict)
+    flipped = {**committed, "score": {**committed["score"], "item0": committed["score"]["item0"] + 1}}  # one near tie
+    share = {**ev.plan.tolerance, "by_metric": {"sc*": {"atol": 1e-3, "rtol": 0.0, "max_changed": 0.2}}}  # a pattern
+    store.compare(cfg, 2, committed, flipped, share)  # 1 of 5 items may differ
+    two = {**flipped, "score": {**flipped["score"], "item1": flipped["score"]["item1"] + 1}}
+    with pytest.raises(CourseError, match=r"2 of 5 items off, 0.2 allowed"):
+        store.compare(cfg, 2, committed, two, share)
     for change in ({"lr": 2.0}, {"order": "reversed"}):  # a learning rate x 2, another data order
         live = store._run(store.Configuration("99_fake", "method", cfg.run, {**cfg.config, **change}, (2,), ""), 2)["values"]
         with pytest.raises(CourseError, match=r"evidence record 99_fake/method/seed-2, metric \w+, item item\d: committed .* recomputed .* tolerance") as e:
@@ -154,6 +160,7 @@ def test_the_live_sample_passes_within_the_tolerance_and_fails_on_a_real_change(
     ("verify: [method/seed-2]", "verify: [method/seed-7]", "is not '<configuration>/seed-<s>'"),
     ("tolerance: {atol: 0.001}", "tolerance: {atol: -1}", "tolerance must give"),
     ("tolerance: {atol: 0.001}", "tolerance: {atol: 0.001, by_metric: {loss: {atol: x}}}", "tolerance.by_metric.loss must give"),
+    ("tolerance: {atol: 0.001}", "tolerance: {atol: 0.001, max_changed: 0.6}", "tolerance must give"),
     ("  C9:", "  C99:", "is not a lecture claim"),
     ("notebook: 99_fake", "notebook: [", "is not valid YAML"),
 ])
@@ -228,5 +235,7 @@ def test_planned_sizes_fit_their_data():
         cfg = store.load_plan(nb).configurations[name].config
         train = [r for r in merging.load_skill("sword") if r["split"] == "train"]
         assert 4 * cfg["steps"] >= len(train), f"{nb}: each of a skill's training examples is seen at least once (batch 4)"
+    curve = store.load_plan("01_forgetting_a_skill_json").configurations["curve"].config
+    assert curve["epochs"] >= 3, "at least 3 epochs of the narrow task (the lecture's story spans three)"
     mk = store.load_plan("05_negation_and_mergekit").configurations["mergekit"].config
     assert mk["items"] <= len([r for r in merging.load_skill("sword") if r["split"] == "test"])
