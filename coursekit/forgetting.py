@@ -16,7 +16,7 @@ What lives here (the training loop itself is :func:`coursekit.finetune.train`):
 * an ability to build and then forget — answering in JSON when asked — its "alignment stage"
   (:func:`alignment_examples`, :func:`alignment_stage`), a narrow post-training task (emotion of a
   sentence, :func:`task_examples`), and notebook 01 II's per-epoch measurements of both
-  (:class:`FormatProbe`, :func:`forgetting_curves`; :func:`json_ability` is notebook 03's quick rate).
+  (:class:`FormatProbe`, :func:`narrow_curve`, :func:`json_curve_record`; :func:`json_ability` is notebook 03's quick rate).
 
 Data files (validated on load, one-line :class:`CourseError` naming file and field):
 
@@ -504,48 +504,11 @@ class FormatProbe:
                 "answers": outs[:3] + outs[n:n + 3]}
 
 
-def forgetting_curves(model, tok, snap: dict, probe: FormatProbe, examples: Sequence[dict], epochs: int,
-                      batch_size: int, lr: float, seeds: int = 3, progress: str = "narrow task") -> dict:
-    """Narrow post-training from ``snap`` (the aligned model) over seeds (the seed sets the data order),
-    :meth:`FormatProbe.measure` before training (once: it is the same model for every seed) and after every
-    epoch; each seed's curve is cached.
-
-    Returns ``{"values": {measure: [epochs + 1, seeds, items] array}, "answers": [seed][epoch] -> 6 sample
-    answers, "loss": [seed] -> losses}``."""
-    import numpy as np
-
-    from . import cache, finetune
-    from .evidence import over_seeds
-    from .models import restore
-
-    restore(model, snap)
-    start = probe.measure(model)
-    kept: list = []
-
-    def one(seed: int) -> dict:
-        def make() -> dict:
-            return narrow_curve(model, tok, snap, probe, examples, epochs, batch_size, lr, seed, progress)
-
-        config = {"examples": list(examples), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                  "probe": probe.settings()}
-        out = cache.json("forgetting/curve", config, make, code=[finetune.train, FormatProbe, OldAbilities,
-                                                                  generate_ids], weights=snap)
-        out["curve"] = [start, *out["curve"]]
-        kept.append(out)
-        return {f"{k}@{e}": c[k] for e, c in enumerate(out["curve"]) for k in c if k != "answers"}
-
-    flat = over_seeds(one, seeds, progress=progress)
-    restore(model, snap)
-    names = [k for k in start if k != "answers"]
-    values = {k: np.stack([flat[f"{k}@{e}"] for e in range(epochs + 1)]) for k in names}
-    return {"values": values, "answers": [[c["answers"] for c in o["curve"]] for o in kept],
-            "loss": [o["loss"] for o in kept]}
-
-
 def narrow_curve(model, tok, snap: dict, probe: FormatProbe, examples: Sequence[dict], epochs: int, batch_size: int,
                  lr: float, seed: int, progress: bool | str = "narrow task") -> dict:
-    """One seed of :func:`forgetting_curves`, never cached: full fine-tuning from ``snap`` on ``examples`` (the seed
-    sets the data order), :meth:`FormatProbe.measure` after every epoch. ``{"curve": [per epoch], "loss": [...]}``."""
+    """Narrow post-training (notebook 01 III): full fine-tuning from ``snap`` (the aligned model) on ``examples`` (the
+    seed sets the data order), :meth:`FormatProbe.measure` after every epoch; never cached (the evidence store's
+    records are made from it). ``{"curve": [per epoch], "loss": [...]}``."""
     from . import finetune
     from .models import restore
 
