@@ -549,8 +549,12 @@ class Evidence:
 
 def _selected(claims: list | None) -> list:
     """``(plan, configuration, seed)`` for every record the given claims rest on (all when None)."""
-    out = []
-    for plan in plans():
+    out, all_plans = [], plans()
+    held = {cid for plan in all_plans for cid in plan.claims}
+    unknown = sorted(set(claims or ()) - held)
+    if unknown:
+        raise CourseError(f"no evidence plan holds {', '.join(unknown)} (the store holds {', '.join(sorted(held, key=lambda c: int(c[1:])))})")
+    for plan in all_plans:
         wanted = None if claims is None else {
             n for cid in claims if cid in plan.claims for e in plan.claims[cid] for n in _names(e.values)}
         out += [(plan, c, s) for c, s in plan.records() if wanted is None or c.name in wanted]
@@ -584,7 +588,8 @@ def verify_all(claims: list | None = None, progress: bool = True) -> int:
 
 def _records_line(plan: Plan, cid: str) -> str:
     used = sorted({n for e in plan.claims[cid] for n in _names(e.values)})
-    return ", ".join(f"{n}x{len(plan.configurations[n].seeds)}" for n in used)
+    return ", ".join(f"{n} ({len(plan.configurations[n].seeds)} seed{'s' if len(plan.configurations[n].seeds) > 1 else ''})"
+                     for n in used)
 
 
 def ledger(notebook_results=()) -> str:

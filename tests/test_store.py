@@ -105,7 +105,7 @@ def test_claims_are_built_from_records_with_the_plans_thresholds(fake_store):
     with pytest.raises(CourseError, match="mean_items"):
         ev.values("max(method.score)")
     text = store.ledger()
-    assert "C9" in text and store.load_plan("99_fake").claim_hash("C9") in text and "method" in text and "x5" in text
+    assert "C9" in text and store.load_plan("99_fake").claim_hash("C9") in text and "method (5 seeds)" in text
 
 
 def test_a_missing_stale_or_corrupt_record_is_one_line_naming_make_evidence(fake_store):
@@ -169,6 +169,14 @@ def test_a_malformed_plan_is_one_line_naming_the_file_and_field(fake_store, old,
     with pytest.raises(CourseError, match=match) as e:
         store.load_plan("99_fake")
     assert "99_fake.yaml" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_command_line_answers_bad_input_in_one_line(fake_store, capsys):
+    assert store.main(["make", "--claims", "C99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "CourseError: no evidence plan holds C99 (the store holds C9)"
+    assert store.main(["make", "--claims", "c9"]) == 0 and "6 record(s) computed" in capsys.readouterr().out
+    assert store.main(["verify", "--claims", "C9"]) == 0 and "1 record(s) recomputed live" in capsys.readouterr().out
 
 
 def test_unknown_evidence_mode_is_one_line(monkeypatch):
