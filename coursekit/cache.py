@@ -138,7 +138,7 @@ def _path(kind: str, k: str, suffix: str) -> Path:
     return cache_dir() / f"{kind}-{k}{suffix}"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
@@ -164,7 +164,7 @@ def _entry(kind, config, compute, code, weights, suffix, load, save, refresh=Fal
         except Exception as e:  # noqa: BLE001 - any unreadable entry is recomputed, with a notice
             _notice(path, e)
     value = compute()
-    _atomic_write(path, lambda tmp: save(value, tmp))
+    atomic_write(path, lambda tmp: save(value, tmp))
     return value
 
 

@@ -102,10 +102,14 @@ class Plan:
     tolerance: dict  # {"atol": ..., "rtol": ...}
     source: dict = field(default_factory=dict, repr=False)
 
+    def reads(self, cid: str) -> list:
+        """The configurations the effects of claim ``cid`` read, sorted."""
+        return sorted({n for e in self.claims[cid] for n in _names(e.values)})
+
     def claim_hash(self, cid: str) -> str:
         """Hash of a claim's entry and of the configurations its effects read."""
-        used = sorted({n for e in self.claims[cid] for n in _names(e.values)})
-        return _digest({"claim": self.source["claims"][cid], "configurations": [self.configurations[n].hash for n in used]})
+        return _digest({"claim": self.source["claims"][cid],
+                        "configurations": [self.configurations[n].hash for n in self.reads(cid)]})
 
     def records(self):
         """Every ``(configuration, seed)`` the plan asks for."""
@@ -273,7 +277,7 @@ def _one_line(path: Path, what: str, plan: Plan | None = None) -> CourseError:
 
 
 def _claims_reading(plan: Plan, configuration: str) -> list:
-    return [cid for cid, effects in plan.claims.items() if any(configuration in _names(e.values) for e in effects)]
+    return [cid for cid in plan.claims if configuration in plan.reads(cid)]
 
 
 def read_record(path: Path) -> dict:
@@ -364,10 +368,10 @@ def compute_record(cfg: Configuration, seed: int) -> dict:
 
 def write_record(cfg: Configuration, rec: dict) -> Path:
     """Write a record atomically (a half-written file is never visible)."""
-    from .cache import _atomic_write
+    from .cache import atomic_write
 
     path = cfg.path(rec["seed"])
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"))
     return path
 
 
@@ -555,8 +559,7 @@ def _selected(claims: list | None) -> list:
     if unknown:
         raise CourseError(f"no evidence plan holds {', '.join(unknown)} (the store holds {', '.join(sorted(held, key=lambda c: int(c[1:])))})")
     for plan in all_plans:
-        wanted = None if claims is None else {
-            n for cid in claims if cid in plan.claims for e in plan.claims[cid] for n in _names(e.values)}
+        wanted = None if claims is None else {n for cid in claims if cid in plan.claims for n in plan.reads(cid)}
         out += [(plan, c, s) for c, s in plan.records() if wanted is None or c.name in wanted]
     return out
 
@@ -587,7 +590,7 @@ def verify_all(claims: list | None = None, progress: bool = True) -> int:
 
 
 def _records_line(plan: Plan, cid: str) -> str:
-    used = sorted({n for e in plan.claims[cid] for n in _names(e.values)})
+    used = plan.reads(cid)
     return ", ".join(f"{n} ({len(plan.configurations[n].seeds)} seed{'s' if len(plan.configurations[n].seeds) > 1 else ''})"
                      for n in used)
 

@@ -4,7 +4,6 @@ notebook's; test_notebook_00_records_* use the real model and the committed reco
 from __future__ import annotations
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
