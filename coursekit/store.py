@@ -371,8 +371,18 @@ def write_record(cfg: Configuration, rec: dict) -> Path:
     from .cache import atomic_write
 
     path = cfg.path(rec["seed"])
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(_dumps(rec), encoding="utf-8"))
     return path
+
+
+def _dumps(rec: dict) -> str:
+    """A record as text: indented, except that each metric's items sit on one line (a record of 30 000 values
+    stays a few hundred kB, and a diff still names the metric that changed)."""
+    mark = "\0values\0"
+    text = json.dumps({**rec, "values": mark}, indent=1, ensure_ascii=False)
+    lines = ",\n".join(f"  {json.dumps(m, ensure_ascii=False)}: {json.dumps(v, separators=(',', ':'))}"
+                        for m, v in rec["values"].items())
+    return text.replace(json.dumps(mark), "{\n" + lines + "\n }") + "\n"
 
 
 # ------------------------------------------------------------------ verification

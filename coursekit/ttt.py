@@ -855,6 +855,114 @@ def top_class_share(preds: np.ndarray) -> float:
     return float(np.bincount(preds, minlength=10).max() / max(1, len(preds)))
 
 
+# ----------------------------------------------------------------------------------------------
+# The evidence records of notebook 06 (evidence/plan/06_test_time_training.yaml)
+# ----------------------------------------------------------------------------------------------
+
+
+def ttt_record(config: dict, seed: int) -> dict:
+    """One record of notebook 06; ``config["part"]`` is ``curve`` (section 1), ``lm`` (2), ``tta`` (3-4) or
+    ``stream`` (5). Everything is computed anew (the language model's TTT starts from the loaded weights)."""
+    parts = {"curve": _curve_record, "lm": _lm_record, "tta": _tta_record, "stream": _stream_record}
+    part = config.get("part")
+    if part not in parts:
+        raise CourseError(f"ttt_record(): part must be one of {', '.join(parts)} (got {part!r})")
+    return parts[part](config, seed)
+
+
+def _curve_record(config: dict, seed: int) -> dict:
+    """Section 1: squared error per test point of the global line and of neighbour TTT at every ``k``."""
+    xtr, ytr, xte, yte = make_curve(n_train=config["n_train"], n_test=config["n_test"], seed=seed)
+    w0, b0 = fit_linear(xtr, ytr, steps=config["fit_steps"])
+    ids = [f"x{i:03d}" for i in range(len(xte))]
+    values = {"err_global": dict(zip(ids, (w0 * xte + b0 - yte) ** 2))}
+    for k in config["ks"]:
+        pred, _ = neighbour_ttt_1d(xtr, ytr, xte, k=k, steps=config["steps"], start=(w0, b0))
+        values[f"err_k{k}"] = dict(zip(ids, (pred - yte) ** 2))
+    return {"values": values}
+
+
+def _lm_record(config: dict, seed: int) -> dict:
+    """Section 2: log-perplexity of every passage before TTT, after neighbour TTT on its ``k`` nearest other
+    passages, and after the same steps on ``k`` passages of other topics (drawn with ``seed``)."""
+    from .models import load_model
+
+    passages = [p for split in load_passages() for p in split]
+    topics = [p["topic"] for p in passages]
+    emb = embed([p["text"] for p in passages])
+    rng = np.random.default_rng(seed)
+    k = config["k"]
+    neigh = [leave_one_out(emb, i, k) for i in range(len(passages))]
+    ctrl = [other_topic(topics, i, k, rng) for i in range(len(passages))]
+    model, tok = load_model()
+    run = NeighbourTTT(model, tok, lr=config["lr"])
+    ids = [p["id"] for p in passages]
+    out = {"log_before": {}, "log_nn": {}, "log_ctrl": {}}
+    for i, p in enumerate(passages):
+        out["log_before"][ids[i]] = math.log(perplexity(model, tok, p["text"]))
+        out["log_nn"][ids[i]] = math.log(run(p["text"], [passages[j]["text"] for j in neigh[i]]))
+        out["log_ctrl"][ids[i]] = math.log(run(p["text"], [passages[j]["text"] for j in ctrl[i]]))
+    same = float(np.mean([topics[j] == topics[i] for i, nb in enumerate(neigh) for j in nb]))
+    return {"values": out, "extras": {"same_topic_share": same}}
+
+
+def _sources(config: dict, seed: int):
+    """The digits split, the source model of ``seed`` and the tuning source model (``tune_seed``)."""
+    split = digits_split(n_test=config["n_test"], n_tune=config["n_tune"], seed=0)
+    x_tr, y_tr = split[:2]
+    src = train_source(x_tr, y_tr, epochs=config["epochs"], seed=seed)
+    tuner = train_source(x_tr, y_tr, epochs=config["epochs"], seed=config["tune_seed"])
+    return split, src, tuner
+
+
+def _tta_record(config: dict, seed: int) -> dict:
+    """Sections 3-4: per (corruption, test image), 0/1 correctness and the true class's log-probability of the
+    source model and of every :data:`TTA_METHODS` adaptation, learning rates chosen on the tune split with the
+    tuning source model (never on the test images); the clean test error of the source model."""
+    (_, _, x_tu, y_tu, x_te, y_te), src, tuner = _sources(config, seed)
+    sev, steps = config["severity"], config["steps"]
+    tune_sets = [corrupt(x_tu, c, sev, seed=config["tune_seed"]) for c in CORRUPTIONS]
+    lrs, grids = {}, {}
+    for m in steps:
+        lrs[m], grids[m] = choose_lr(lambda lr: np.mean([(tta(tuner, xc, m, lr=lr, steps=steps[m]).argmax(-1) == y_tu)
+                                                         .mean() for xc in tune_sets]), config["grid"])
+    ids = [f"{c}/{i:03d}" for c in CORRUPTIONS for i in range(len(y_te))]
+    sets = [corrupt(x_te, c, sev, seed=seed) for c in CORRUPTIONS]
+    values = {"clean_correct": dict(zip([f"clean/{i:03d}" for i in range(len(y_te))],
+                                        (tta(src, x_te, "source").argmax(-1) == y_te).astype(float)))}
+    for m in TTA_METHODS:
+        lp = np.concatenate([tta(src, xc, m, lr=lrs.get(m, 1e-3), steps=steps.get(m, 1)) for xc in sets])
+        y = np.tile(y_te, len(sets))
+        values[f"correct_{m}"] = dict(zip(ids, (lp.argmax(-1) == y).astype(float)))
+        values[f"logp_{m}"] = dict(zip(ids, lp[np.arange(len(y)), y]))
+    return {"values": values, "extras": {"lr": lrs, "tune_accuracy": grids}}
+
+
+def _stream_record(config: dict, seed: int) -> dict:
+    """Section 5: per-utterance accuracy of every :data:`CONTINUAL` method on the stream of ``seed`` (learning
+    rates chosen on a tuning stream built from the tune split), of ``no_reset`` at episodic's learning rate,
+    and the top-class share of each method's predictions over the stream's last third; extras: the resets."""
+    (_, _, x_tu, y_tu, x_te, y_te), src, tuner = _sources(config, seed)
+    shape = dict(corruptions=list(CORRUPTIONS), severities=(config["severity"],), cycles=config["cycles"],
+                 utterance=config["utterance"], segment=tuple(config["segment"]))
+    tune = make_stream(x_tu, y_tu, **shape, seed=config["tune_seed"], schedule_seed=config["tune_seed"])
+    lrs, grids = {}, {}
+    for m in ("episodic", "no_reset", "fast_slow"):
+        lrs[m], grids[m] = choose_lr(lambda lr: continual(tuner, tune, m, lr=lr, steps=config["steps"]).accuracy,
+                                     config["grid"])
+    lrs.update(periodic_reset=lrs["fast_slow"], oracle_reset=lrs["fast_slow"], dynamic_reset=lrs["fast_slow"])
+    stream = make_stream(x_te, y_te, **shape, seed=seed, schedule_seed=0)
+    kw = {k: config[k] for k in ("period", "warmup", "n_fit")}
+    runs = {m: continual(src, stream, m, lr=lrs.get(m, 1e-3), steps=config["steps"], **kw) for m in CONTINUAL}
+    runs["no_reset_episodic_lr"] = continual(src, stream, "no_reset", lr=lrs["episodic"], steps=config["steps"])
+    ids = [f"u{i:03d}" for i in range(len(stream.x))]
+    third = len(stream.x) * 2 // 3
+    values = {f"acc_{m}": dict(zip(ids, r.per_utterance())) for m, r in runs.items()}
+    values["top_class_share"] = {m: top_class_share(runs[m].preds[third:].ravel()) for m in CONTINUAL}
+    return {"values": values, "extras": {"lr": lrs, "tune_accuracy": grids, "boundaries": [int(b) for b in stream.boundaries],
+                                         "resets": {m: list(map(int, r.resets)) for m, r in runs.items()}}}
+
+
 def _single_threaded(impl, public):
     import functools
 
