@@ -184,13 +184,17 @@ def _tolerance(r: _PlanReader, tol: dict) -> dict:
     """``{"atol", "rtol", "max_changed", "by_metric": {metric: {...}}}``: a metric whose values live on another
     scale (a weight difference of 1e-9 beside log-probabilities) gets its own; ``max_changed`` is the share of a
     metric's items allowed outside atol + rtol (a 0/1 metric from greedy decoding may flip on a near tie under
-    another CPU's kernels; a real change moves many items)."""
+    another CPU's kernels; a real change moves many items). ``mean_atol`` compares the metric's mean over its items
+instead, for a computation whose items are not reproducible one by one across CPUs (a small network trained for
+many steps: another CPU's last digits give another, equally good model)."""
     def one(t, where):
-        if not isinstance(t, dict) or not t or not set(t) <= {"atol", "rtol", "max_changed"} or not all(
+        if not isinstance(t, dict) or not t or not set(t) <= {"atol", "rtol", "max_changed", "mean_atol"} or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in t.values()) \
                 or t.get("max_changed", 0) >= 0.5:
-            r.fail(where, "must give atol, rtol (non-negative numbers) and/or max_changed (a share below 0.5)")
-        return {"atol": float(t.get("atol", 0)), "rtol": float(t.get("rtol", 0)), "max_changed": float(t.get("max_changed", 0))}
+            r.fail(where, "must give atol, rtol (non-negative numbers) and/or max_changed (a share below 0.5), "
+                          "or mean_atol (a non-negative number)")
+        out = {"atol": float(t.get("atol", 0)), "rtol": float(t.get("rtol", 0)), "max_changed": float(t.get("max_changed", 0))}
+        return {**out, "mean_atol": float(t["mean_atol"])} if "mean_atol" in t else out
 
     by_metric = tol.get("by_metric", {})
     if not isinstance(by_metric, dict):
@@ -399,9 +403,9 @@ def _metric_tolerance(tolerance: dict, metric: str) -> dict:
 
 
 def compare(cfg: Configuration, seed: int, committed: dict, live: dict, tolerance: dict) -> float:
-    """The largest ``|live − committed|`` over every metric and item; raises one line when a metric has more items
-    outside ``atol + rtol·|committed|`` than its ``max_changed`` share allows (naming the first), or when the
-    metrics or items differ."""
+    """The largest ``|live − committed|`` over every metric and item (a ``mean_atol`` metric: its mean); raises one
+    line when a metric has more items outside ``atol + rtol·|committed|`` than its ``max_changed`` share allows
+    (naming the first), when a ``mean_atol`` metric's mean moves more than that, or when the metrics or items differ."""
     rel = f"{cfg.notebook}/{cfg.name}/seed-{seed}"
     if set(committed) != set(live):
         raise CourseError(f"evidence record {rel}: the live run gives metrics {sorted(live)}, the record {sorted(committed)}")
@@ -410,6 +414,13 @@ def compare(cfg: Configuration, seed: int, committed: dict, live: dict, toleranc
         new, t = live[metric], _metric_tolerance(tolerance, metric)
         if list(old) != list(new):
             raise CourseError(f"evidence record {rel}, metric {metric}: the live run scores other items than the record")
+        if "mean_atol" in t:
+            a, b = sum(old.values()) / len(old), sum(new[i] for i in old) / len(old)
+            worst = max(worst, abs(b - a))
+            if not abs(b - a) <= t["mean_atol"]:
+                raise CourseError(f"evidence record {rel}, metric {metric}: mean over {len(old)} items committed {a:.6g}, "
+                                  f"recomputed {b:.6g}, tolerance {t['mean_atol']:.2g}")
+            continue
         off = [(item, a, new[item], t["atol"] + t["rtol"] * abs(a)) for item, a in old.items()
                if not abs(new[item] - a) <= t["atol"] + t["rtol"] * abs(a)]
         worst = max([worst, *(abs(new[i] - a) for i, a in old.items())])

@@ -65,12 +65,11 @@ def _labels(tree) -> dict[int, str]:
 
 
 def _data():
-    from coursekit import forgetting as fg, prompting, replay as rp, rome, ttt
+    from coursekit import forgetting as fg, prompting, replay as rp, rome
 
     skills, probes, rq, safety = fg.load_skills(), fg.load_probes(), rp.load_replay_questions(), rp.load_safety()
-    train_p, test_p = ttt.load_passages()
     return SimpleNamespace(skills=skills, probes=probes, rq=rq, safety=safety, counterfact=rome.load_counterfact(),
-                           train_p=train_p, test_p=test_p, notes=prompting.load_notes())
+                           notes=prompting.load_notes())
 
 
 DATA = _data()
@@ -129,24 +128,6 @@ def _known_facts() -> int:
     return int(m.group(1))
 
 
-def _digits_test() -> int:
-    m = re.search(r"digits_split\(n_test=(\d+)", _source("06"))
-    assert m, "notebook 06 must call ttt.digits_split(n_test=...)"
-    return int(m.group(1))
-
-
-def _smallest_topic() -> int:
-    from collections import Counter
-
-    return min(Counter(p["topic"] for p in DATA.train_p + DATA.test_p).values())
-
-
-def _ks() -> list[int]:
-    m = re.search(r"^KS = (\[.*\])", _source("06"), re.M)
-    assert m, "notebook 06 must define KS = [...] (neighbour counts)"
-    return ast.literal_eval(m.group(1))
-
-
 N_TASK = len(DATA.skills["task_train"])
 OLD = load_old_abilities()
 # (notebook, pick label, what must hold, check(value, the notebook's picks in this profile) -> ok or (ok, detail))
@@ -177,12 +158,6 @@ RULES = [
     ("04", "LAYER_STEP", "every layer or every second layer (the claim's bands need both parities covered)",
      lambda v, o: v in (1, 2)),
     ("04", "SWEEP", "sweep layers within the model's 30 layers", lambda v, o: all(0 <= x < 30 for x in v)),
-    ("06", "make_curve(n_train=)", "the largest neighbourhood (KS) fits in the training set",
-     lambda v, o: max(_ks()) <= v),
-    ("06", "K_LM", "leave-one-out neighbours fit in a topic (its other passages), and as many other-topic passages exist",
-     lambda v, o: 1 <= v <= _smallest_topic() - 1),
-    ("06", "dict(cycles=)", "the stream visits every domain at least twice (a domain returns after others)",
-     lambda v, o: v >= 2),
 ]
 
 

@@ -141,6 +141,11 @@ def test_the_live_sample_passes_within_the_tolerance_and_fails_on_a_real_change(
     two = {**flipped, "score": {**flipped["score"], "item1": flipped["score"]["item1"] + 1}}
     with pytest.raises(CourseError, match=r"2 of 5 items off, 0.2 allowed"):
         store.compare(cfg, 2, committed, two, share)
+    swapped = {**committed, "score": dict(zip(committed["score"], reversed(committed["score"].values())))}
+    means = {**ev.plan.tolerance, "by_metric": {"score": {"mean_atol": 1e-9}}}  # items may move, their mean may not
+    store.compare(cfg, 2, committed, swapped, means)
+    with pytest.raises(CourseError, match=r"metric score: mean over 5 items committed .* recomputed .* tolerance 1e-09"):
+        store.compare(cfg, 2, committed, flipped, means)
     for change in ({"lr": 2.0}, {"order": "reversed"}):  # a learning rate x 2, another data order
         live = store._run(store.Configuration("99_fake", "method", cfg.run, {**cfg.config, **change}, (2,), ""), 2)["values"]
         with pytest.raises(CourseError, match=r"evidence record 99_fake/method/seed-2, metric \w+, item item\d: committed .* recomputed .* tolerance") as e:
@@ -246,3 +251,12 @@ def test_planned_sizes_fit_their_data():
     assert curve["epochs"] >= 3, "at least 3 epochs of the narrow task (the lecture's story spans three)"
     mk = store.load_plan("05_negation_and_mergekit").configurations["mergekit"].config
     assert mk["items"] <= len([r for r in merging.load_skill("sword") if r["split"] == "test"])
+    from collections import Counter
+
+    from coursekit import ttt
+
+    p06 = store.load_plan("06_test_time_training").configurations
+    assert max(p06["curve"].config["ks"]) <= p06["curve"].config["n_train"], "the largest neighbourhood fits the data"
+    topics = Counter(p["topic"] for split in ttt.load_passages() for p in split)
+    assert 1 <= p06["lm"].config["k"] <= min(topics.values()) - 1, "leave-one-out neighbours fit in a topic"
+    assert p06["stream"].config["cycles"] >= 2, "the stream visits every domain at least twice"

@@ -173,7 +173,7 @@ def test_reset_object_restores():
     r = ttt.Reset(params)
     opt = torch.optim.SGD(params, lr=0.1)
     ttt.set_bn(m, True)
-    loss = ttt.suta_loss(m(torch.rand(4, 1, 8, 8)))
+    loss = ttt.suta_loss(m(ttt._t(torch.rand(4, 1, 8, 8))))
     loss.backward()
     opt.step()
     assert any(not torch.equal(p, s) for p, s in zip(params, r.saved))
