@@ -12,8 +12,10 @@ MLP's contribution *v* to the residual stream (576-d)).
   k* = mean down_proj input at the subject's last token over the bare prompt and sampled prefixes
   (:func:`context_prefixes`); v* = v_init + delta, delta optimised so the model emits the new target
   (NLL) while keeping the subject's "essence" (KL(edited || original) after the subject in
-  "{subject} is a") with a norm penalty and a norm clamp; then the closed form
-  W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*)  so that W_new k* = v* exactly.
+  "{subject} is a") with a norm penalty and a norm clamp; then the closed form in the form of the paper's
+  code, W <- W + (v* - W k0) u^T / (u^T k0) with u = C^-1 k* and k0 the bare prompt's own key
+  (:func:`context_keys`), so that W_new k0 = v* exactly: the edited prompt gets v* even when its key is far
+  from the averaged one (a subject that starts the text is tokenised differently there: "L", "yon" vs " Lyon").
 * :func:`generic_texts` / :func:`layer_stats` — C = E[k k^T] of the down_proj inputs over text the
   model samples itself (cached), for several layers in one pass.
 * :func:`load_counterfact` / :func:`edit_scores` / :func:`drift` / :func:`edit_many` (cached) /
@@ -463,9 +465,9 @@ def _layers_below_once(model, layer: int):
             layers[i] = m
 
 
-def compute_k(model, tok, layer: int, prompt: str, subject: str, prefixes: Sequence[str] = ()):
-    """k*: the down_proj input at the subject's last token, averaged over the bare prompt and the
-    prefixed prompts. Returns a 1-D tensor (d_ff)."""
+def context_keys(model, tok, layer: int, prompt: str, subject: str, prefixes: Sequence[str] = ()):
+    """The down_proj input at the subject's last token in the bare prompt (row 0) and in each prefixed prompt
+    (rows 1..): a 2-D tensor (1 + len(prefixes), d_ff), from one batched forward."""
     import torch
 
     ctx = _contexts(prompt, prefixes)
@@ -479,7 +481,12 @@ def compute_k(model, tok, layer: int, prompt: str, subject: str, prefixes: Seque
             model(input_ids=ids.to(next(model.parameters()).device), attention_mask=att.to(next(model.parameters()).device))
     finally:
         h.remove()
-    return torch.stack([got["k"][i, j] for i, j in enumerate(idx)]).mean(0).float()
+    return torch.stack([got["k"][i, j] for i, j in enumerate(idx)]).float()
+
+
+def compute_k(model, tok, layer: int, prompt: str, subject: str, prefixes: Sequence[str] = ()):
+    """k*: :func:`context_keys` averaged over the bare prompt and the prefixed prompts (1-D, d_ff)."""
+    return context_keys(model, tok, layer, prompt, subject, prefixes).mean(0)
 
 
 @dataclass
@@ -666,32 +673,44 @@ def layer_stats(model, tok, layers: Sequence[int], texts: Sequence[str], batch_s
 # ------------------------------------------------------------------------------ the rank-one update
 
 
-def rank_one_update(W, k, v, C=None, damping: float = 0.0):
-    """ROME's closed form (eq. 2): ``W + (v - W k) (C^-1 k)^T / ((C^-1 k)^T k)``.
+def _u(k, C=None, damping: float = 0.0):
+    """``C^-1 k`` in float64 (``C=None``: C = I); ``damping`` adds ``damping * mean(diag C) * I`` to C."""
+    import torch
 
-    ``W`` is a Linear weight (out x in, y = W x), ``k`` (in), ``v`` (out). ``C=None`` means C = I
-    (EasyEdit's default), which gives ``W + (v - W k) k^T / (k^T k)``. ``damping`` adds
-    ``damping * mean(diag C) * I`` to C before solving. The result satisfies W_new k = v exactly
-    (up to float error). Returns a new tensor; ``W`` is untouched."""
+    k64 = k.detach().double().flatten()
+    if C is None:
+        return k64
+    C64 = C.detach().double()
+    if C64.shape != (k64.numel(), k64.numel()):
+        raise CourseError(f"rank_one_update(): C must be {k64.numel()}x{k64.numel()} (got {tuple(C.shape)})")
+    if damping:
+        C64 = C64 + damping * C64.diagonal().mean() * torch.eye(len(k64), dtype=C64.dtype)
+    return torch.linalg.solve(C64, k64)
+
+
+def rank_one_update(W, k, v, C=None, damping: float = 0.0, k0=None):
+    """ROME's closed form: ``W + (v - W k0) u^T / (u^T k0)`` with ``u = C^-1 k``.
+
+    ``W`` is a Linear weight (out x in, y = W x), ``k`` (in), ``v`` (out). With ``k0=None`` (k0 = k) this is the
+    paper's eq. 2, ``W + (v - W k) (C^-1 k)^T / ((C^-1 k)^T k)``. The paper's code writes the value at ``k0``, the
+    key of the bare edit prompt, while ``u`` comes from ``k`` = k*, the key averaged over prefixed contexts: the
+    edited prompt then gets ``v`` exactly, ``W_new k0 = v``, whatever k* is. ``C=None`` means C = I (EasyEdit's
+    default). ``damping`` adds ``damping * mean(diag C) * I`` to C before solving. Returns a new tensor; ``W`` is
+    untouched."""
     import torch
 
     W64, k64, v64 = W.detach().double(), k.detach().double().flatten(), v.detach().double().flatten()
     if W64.dim() != 2 or W64.shape[1] != k64.numel() or W64.shape[0] != v64.numel():
         raise CourseError(f"rank_one_update(): W is {tuple(W.shape)} but k has {k64.numel()} and v "
                           f"{v64.numel()} entries (need W: len(v) x len(k))")
-    if C is None:
-        u = k64
-    else:
-        C64 = C.detach().double()
-        if C64.shape != (k64.numel(), k64.numel()):
-            raise CourseError(f"rank_one_update(): C must be {k64.numel()}x{k64.numel()} (got {tuple(C.shape)})")
-        if damping:
-            C64 = C64 + damping * C64.diagonal().mean() * torch.eye(len(k64), dtype=C64.dtype)
-        u = torch.linalg.solve(C64, k64)
-    denom = u @ k64
+    a64 = k64 if k0 is None else k0.detach().double().flatten()
+    if a64.shape != k64.shape:
+        raise CourseError(f"rank_one_update(): k0 has {a64.numel()} entries, k has {k64.numel()}")
+    u = _u(k64, C, damping)
+    denom = u @ a64
     if not torch.isfinite(denom) or denom.abs() < 1e-12:
-        raise CourseError("rank_one_update(): (C^-1 k)^T k is zero or not finite; is k all zeros or C singular?")
-    W_new = W64 + torch.outer(v64 - W64 @ k64, u) / denom
+        raise CourseError("rank_one_update(): (C^-1 k)^T k0 is zero or not finite; is k all zeros or C singular?")
+    W_new = W64 + torch.outer(v64 - W64 @ a64, u) / denom
     return W_new.to(W.dtype)
 
 
@@ -699,20 +718,23 @@ def rank_one_update(W, k, v, C=None, damping: float = 0.0):
 class EditRecord:
     """What one ROME edit did (enough to undo it: ``old_weight``)."""
     layer: int
-    k: "object"
+    k: "object"          # k*, averaged over the contexts: it sets the update's direction u = C^-1 k*
     v: "object"
+    k0: "object"         # the bare edit prompt's own key: where the value is written
     old_weight: "object"
     delta_norm: float
     v_steps: int
     seconds: float
-    residual: float      # ||W_new k* - v*|| / ||v*||
+    residual: float      # ||W_new k0 - v*|| / ||v*||
+    key_alignment: float  # u.k0 / u.k*: 1 when the bare prompt's key is the averaged one (eq. 2 = the code's form)
     history: list
 
 
 def apply_rome(model, tok, request: dict, layer: int, C=None, prefixes: Sequence[str] = (), damping: float = 0.0,
                kv: tuple | None = None, **v_kwargs) -> EditRecord:
     """Edit ``model`` in place so that ``request['prompt']`` (containing ``request['subject']``)
-    continues with ``request['target_new']``. ``kv=(k, v)`` reuses precomputed k*, v*."""
+    continues with ``request['target_new']``: :func:`rank_one_update` with u from k* and the value written at
+    k0, the bare prompt's key, as the paper's code does. ``kv=(k*, v*, k0)`` reuses precomputed keys and value."""
     import torch
 
     for f in ("prompt", "subject", "target_new"):
@@ -722,18 +744,21 @@ def apply_rome(model, tok, request: dict, layer: int, C=None, prefixes: Sequence
     down = _down_proj(model, layer)
     hist, steps, dn = [], 0, 0.0
     if kv is None:
-        k = compute_k(model, tok, layer, request["prompt"], request["subject"], prefixes)
+        keys = context_keys(model, tok, layer, request["prompt"], request["subject"], prefixes)
+        k, k0 = keys.mean(0), keys[0]
         vr = compute_v(model, tok, layer, request["prompt"], request["subject"], request["target_new"], prefixes, **v_kwargs)
         v, hist, steps, dn = vr.v, vr.history, vr.steps, vr.delta_norm
     else:
-        k, v = kv
+        k, v, k0 = kv
     old = down.weight.detach().clone()
-    W_new = rank_one_update(old, k, v, C, damping)
+    W_new = rank_one_update(old, k, v, C, damping, k0=k0)
+    u = _u(k, C, damping)
     with torch.no_grad():
         down.weight.copy_(W_new)
-        res = float((down.weight.double() @ k.double() - v.double()).norm() / v.double().norm())
-    return EditRecord(layer=layer, k=k, v=v, old_weight=old, delta_norm=dn, v_steps=steps,
-                      seconds=time.perf_counter() - t0, residual=res, history=hist)
+        res = float((down.weight.double() @ k0.double() - v.double()).norm() / v.double().norm())
+    return EditRecord(layer=layer, k=k, v=v, k0=k0, old_weight=old, delta_norm=dn, v_steps=steps,
+                      seconds=time.perf_counter() - t0, residual=res,
+                      key_alignment=float((u @ k0.double()) / (u @ k.double())), history=hist)
 
 
 def undo(model, rec: EditRecord) -> None:
@@ -777,26 +802,50 @@ def distracting_prompts(rec: dict) -> list[str]:
 
 
 def edit_scores(model, tok, rec: dict) -> dict:
-    """Scores of one CounterFact edit, all teacher-forced; P(x) = mean per-token probability of object x.
+    """Scores of one CounterFact edit; P(x) = mean per-token probability of object x (teacher-forced).
 
     Shares (CounterFact): ``efficacy`` = [P(new) > P(true)] on the prompt, ``paraphrase`` = the share of
     paraphrases with P(new) > P(true), ``neighbourhood`` = the share of neighbours (other subjects, same
     relation, same true object) with P(true) > P(new), ``distracted`` = the same on :func:`distracting_prompts`.
     Margins (continuous, in nats): ``*_margin`` = the mean log P(new) - log P(true) on the edit's own
-    prompts, log P(true) - log P(new) on neighbours (so higher is better everywhere)."""
+    prompts, log P(true) - log P(new) on neighbours (so higher is better everywhere). ``paraphrase_start`` /
+    ``paraphrase_mid`` (and their margins): the paraphrases whose text starts with the subject / has it
+    mid-sentence (NaN when there is none). ``greedy_*``: the same shares from greedy generation — the
+    continuation starts with the new object (prompt, paraphrases) or with the neighbour's own object."""
+    import math
+
     prompts = [rec["prompt"]] + list(rec["paraphrases"])
     nbp = [n["prompt"] for n in rec["neighbourhood"]] + distracting_prompts(rec)
     allp = prompts + nbp
     r_new = _mean_logprob(model, tok, allp + allp, [rec["target_new"]] * len(allp) + [rec["target_true"]] * len(allp))[0]
     d = [a - b for a, b in zip(r_new[: len(allp)], r_new[len(allp):])]   # log P(new) - log P(true)
     P, N = len(prompts), len(rec["neighbourhood"])
+    start = [p.lower().startswith(rec["subject"].lower()) for p in prompts]
     groups = {"efficacy": d[:1], "paraphrase": d[1:P], "neighbourhood": [-x for x in d[P : P + N]],
-              "distracted": [-x for x in d[P + N:]]}
+              "distracted": [-x for x in d[P + N:]],
+              "paraphrase_start": [x for x, s in zip(d[1:P], start[1:]) if s],
+              "paraphrase_mid": [x for x, s in zip(d[1:P], start[1:]) if not s]}
     out = {}
     for k, g in groups.items():
-        out[k] = sum(x > 0 for x in g) / len(g)
-        out[f"{k}_margin"] = sum(g) / len(g)
+        out[k] = sum(x > 0 for x in g) / len(g) if g else math.nan
+        out[f"{k}_margin"] = sum(g) / len(g) if g else math.nan
+    out.update(_greedy_scores(model, tok, rec, prompts))
     return out
+
+
+def _greedy_scores(model, tok, rec: dict, prompts: Sequence[str]) -> dict:
+    """``greedy_efficacy`` / ``greedy_paraphrase`` (continuations that start with the new object) and
+    ``greedy_neighbourhood`` (neighbours whose continuation starts with their own object)."""
+    from .chat import generate
+
+    nb = list(rec["neighbourhood"])
+    targets = [rec["target_new"], rec["target_true"]] + [n["target"] for n in nb]
+    n_tok = 1 + max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    said = generate(model, tok, list(prompts) + [n["prompt"] for n in nb], max_new_tokens=n_tok)
+    hit = [s.startswith(t.strip()) for s, t in zip(said, [rec["target_new"]] * len(prompts) + [n["target"] for n in nb])]
+    share = lambda xs: sum(xs) / len(xs)
+    return {"greedy_efficacy": float(hit[0]), "greedy_paraphrase": share(hit[1:len(prompts)]),
+            "greedy_neighbourhood": share(hit[len(prompts):])}
 
 
 def next_token_logprobs(model, tok, texts: Sequence[str], max_tokens: int = 64):
@@ -824,9 +873,15 @@ def drift(model, tok, texts: Sequence[str], reference, max_tokens: int = 64) -> 
 
 
 def mean_scores(rows: Sequence[dict]) -> dict:
-    """Average every numeric key over rows."""
+    """Average every numeric key over rows (NaN entries, e.g. a paraphrase group an edit lacks, left out)."""
+    import math
+
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    out = {}
+    for k in keys:
+        xs = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = sum(xs) / len(xs) if xs else math.nan
+    return out
 
 
 # ------------------------------------------------------------------------------------ baselines
@@ -888,10 +943,11 @@ def edit_many(model, tok, recs: Sequence[dict], layer: int, C, prefixes: Sequenc
         out = []
         for r in tqdm(list(recs), desc="ROME edits", disable=not progress, leave=False):
             e = apply_rome(model, tok, r, layer, C, prefixes, damping, steps=steps)
-            row = dict(id=r["id"], seconds=e.seconds, v_steps=e.v_steps, C=edit_scores(model, tok, r),
+            row = dict(id=r["id"], seconds=e.seconds, v_steps=e.v_steps, key_alignment=e.key_alignment,
+                       C=edit_scores(model, tok, r),
                        drift_C=drift(model, tok, held_out, ref))
             undo(model, e)
-            e_i = apply_rome(model, tok, r, layer, None, kv=(e.k, e.v))
+            e_i = apply_rome(model, tok, r, layer, None, kv=(e.k, e.v, e.k0))
             row.update(I=edit_scores(model, tok, r), drift_I=drift(model, tok, held_out, ref))
             undo(model, e_i)
             out.append(row)

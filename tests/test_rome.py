@@ -61,14 +61,14 @@ def test_apply_rome_then_restore(tiny):
     rec = rome.apply_rome(model, tok, _req(), layer=1, C=None, prefixes=["Hello there"], steps=3)
     W = model.model.layers[1].mlp.down_proj.weight
     assert rec.residual < 1e-4
-    assert torch.allclose(W @ rec.k, rec.v, atol=1e-4 * rec.v.norm().item())
+    assert torch.allclose(W @ rec.k0, rec.v, atol=1e-4 * rec.v.norm().item())
     assert not torch.equal(W, snap["model.layers.1.mlp.down_proj.weight"])
     # only the edited matrix changed
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snap[k])]
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
     ck.models.restore(model, snap)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
-    rome.apply_rome(model, tok, _req(), layer=1, kv=(rec.k, rec.v))
+    rome.apply_rome(model, tok, _req(), layer=1, kv=(rec.k, rec.v, rec.k0))
     rome.undo(model, rec)
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, snap["model.layers.1.mlp.down_proj.weight"])
 
@@ -161,7 +161,14 @@ def test_edit_scores_and_finetune_baseline(tiny):
     rec = dict(_req(), id="e", target_true=" Paris", paraphrases=["Tourists visit the Eiffel Tower in"],
                neighbourhood=[{"prompt": "The Louvre is located in the city of", "target": " Paris"}])
     s = rome.edit_scores(model, tok, rec)
-    assert set(s) == {f"{k}{m}" for k in ("efficacy", "paraphrase", "neighbourhood", "distracted") for m in ("", "_margin")}
+    groups = ("efficacy", "paraphrase", "neighbourhood", "distracted", "paraphrase_start", "paraphrase_mid")
+    assert set(s) == {f"{k}{m}" for k in groups for m in ("", "_margin")} | \
+        {f"greedy_{k}" for k in ("efficacy", "paraphrase", "neighbourhood")}
+    # the one paraphrase has the subject mid-sentence: it is the mid group, and the start group is empty (NaN)
+    assert s["paraphrase_mid_margin"] == s["paraphrase_margin"] and s["paraphrase_start_margin"] != s["paraphrase_start_margin"]
+    said = ck.chat.generate(model, tok, [rec["prompt"]], max_new_tokens=3)[0]
+    assert s["greedy_efficacy"] == float(said.startswith("Rome"))
+    assert rome.mean_scores([s, dict(s, paraphrase_start_margin=1.0)])["paraphrase_start_margin"] == 1.0   # NaN left out
     # before an edit: the efficacy margin and the neighbourhood margin are the same log-ratio with opposite sign conventions
     (lp_new, lp_true), _ = rome._mean_logprob(model, tok, [rec["prompt"]] * 2, [" Rome", " Paris"])
     assert abs(s["efficacy_margin"] - (lp_new - lp_true)) < 1e-5 and s["efficacy"] == float(lp_new > lp_true)
@@ -234,3 +241,43 @@ def test_load_counterfact_real_file_and_errors(tmp_path):
         with pytest.raises(ck.CourseError, match=msg) as ei:
             rome.load_counterfact(p)
         assert "\n" not in str(ei.value)
+
+
+def test_update_writes_the_value_at_the_bare_prompts_key():
+    """The paper's code: u from the averaged key k*, the value written at k0 — W_new k0 = v exactly, and the
+    eq.-2 form (k0 = k*) does not give it when the keys differ."""
+    torch.manual_seed(2)
+    W, k, v = torch.randn(6, 10).double(), torch.randn(10).double(), torch.randn(6).double()
+    k0 = k + 0.8 * torch.randn(10).double()
+    A = torch.randn(10, 10).double()
+    C = A @ A.T + 0.1 * torch.eye(10).double()
+    W_new = rome.rank_one_update(W, k, v, C, k0=k0)
+    assert torch.allclose(W_new @ k0, v, atol=1e-8)
+    assert not torch.allclose(rome.rank_one_update(W, k, v, C) @ k0, v, atol=1e-2)
+    # the update's direction is still u = C^-1 k*: keys C-orthogonal to k* are untouched
+    u = torch.linalg.solve(C, k)
+    x = torch.randn(10).double()
+    x = x - (u @ x) / (u @ u) * u
+    assert torch.allclose(W_new @ x, W @ x, atol=1e-8)
+    assert torch.equal(rome.rank_one_update(W, k, v, C, k0=k), rome.rank_one_update(W, k, v, C))
+    with pytest.raises(ck.CourseError, match="k0 has"):
+        rome.rank_one_update(W, k, v, C, k0=torch.ones(3))
+
+
+def test_apply_rome_writes_v_at_k0_of_a_subject_that_starts_the_text(tiny):
+    """A subject at the start of the text is tokenised differently in the bare prompt and in the prefixed
+    contexts, so k0 != k*; the edited bare prompt must still get v* exactly."""
+    model, tok = tiny
+    snap = ck.models.snapshot(model)
+    req, prefixes = _req(), ["Once upon a time", "In the news today"]
+    keys = rome.context_keys(model, tok, 1, req["prompt"], req["subject"], prefixes)
+    try:
+        rec = rome.apply_rome(model, tok, req, layer=1, prefixes=prefixes, steps=2)
+        assert torch.allclose(rec.k0, keys[0]) and torch.allclose(rec.k, keys.mean(0))
+        assert not torch.allclose(rec.k0, rec.k, atol=1e-3)
+        assert rec.residual < 1e-4 and rec.key_alignment != 1.0
+        got = rome.context_keys(model, tok, 1, req["prompt"], req["subject"])[0]   # the edited layer's input: unchanged
+        W = model.model.layers[1].mlp.down_proj.weight
+        assert torch.allclose(W @ got, rec.v, atol=1e-4 * rec.v.norm().item())
+    finally:
+        ck.models.restore(model, snap)
